@@ -1,0 +1,121 @@
+"""What every adapter provides, the adapter registry, and the helpers shared by all families."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..recipe import Recipe
+
+
+class Adapter:
+    """Knows one model family's internals: where the attention modules are and how to replace one.
+
+    Subclasses set `model_types` (HF `config.model_type` values), `attention_attr` (the attribute of a decoder layer
+    that holds its attention) and implement `decoder_layers` and `linear_attention`."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    attention_attr: str = "self_attn"
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
+        raise NotImplementedError
+
+    def check(self, model: nn.Module) -> None:
+        """Raise UnsupportedModelError for variants of the family this adapter cannot convert."""
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    adapter = cls()
+    for model_type in cls.model_types:
+        ADAPTERS[model_type] = adapter
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def base_model_type(config) -> str:
+    """The family's own model_type, also for an already converted config ("t2r_llama" -> "llama")."""
+    model_type = getattr(config, "model_type", "")
+    return model_type[len("t2r_"):] if model_type.startswith("t2r_") else model_type
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    model_type = base_model_type(getattr(model, "config", None))
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        raise UnsupportedModelError(
+            f"no t2r adapter for model type {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(supported_model_types())}")
+    adapter.check(model)
+    return adapter
+
+
+def swap_attention(model: nn.Module, recipe: Recipe, adapter: Adapter | None = None) -> nn.Module:
+    """Replace the attention of every layer not in `recipe.keep_softmax_layers` by a linear attention module that
+    reuses its projections. Every other weight is left untouched (same tensors)."""
+    adapter = adapter or adapter_for(model)
+    layers = adapter.decoder_layers(model)
+    recipe.check_layers(len(layers))
+    for i, layer in enumerate(layers):
+        if i in recipe.keep_softmax_layers:
+            continue
+        original = getattr(layer, adapter.attention_attr)
+        setattr(layer, adapter.attention_attr, adapter.linear_attention(original, i, recipe))
+    return model
+
+
+def key_mask_from(attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor | None:
+    """Which of the last `num_new` keys are real tokens, from the mask HF hands to attention modules.
+
+    HF passes None (no padding), a 2-D [B, S] mask, or a 4-D [B, 1, Tq, Tk] mask that is boolean (True = attend)
+    or additive (0 = attend). A key is real iff its own query attends to it: the diagonal of the last block."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        mask = attention_mask[:, -num_new:]
+        return mask.bool() if mask.dtype != torch.bool else mask
+    block = attention_mask[:, 0, -num_new:, -num_new:]  # (B, T, T)
+    diag = torch.diagonal(block, dim1=-2, dim2=-1)  # (B, T)
+    if diag.dtype == torch.bool:
+        valid = diag
+    else:
+        valid = diag > torch.finfo(diag.dtype).min / 2
+    return None if bool(valid.all()) else valid
+
+
+def linear_kwargs(kwargs: dict) -> dict:
+    """The t2r options a caller may thread through a model's forward (`model(ids, t2r_mode="quadratic")`)."""
+    return {"mode": kwargs.get("t2r_mode")}
+
+
+AttentionFactory = Callable[[nn.Module, int, Recipe], nn.Module]
+
+
+def drop_dequantized_quantizer(model: nn.Module) -> nn.Module:
+    """A GGUF checkpoint loads through HF's GGUF quantizer; once its weights are dequantized into ordinary float
+    tensors the quantizer only blocks `save_pretrained`, so detach it. Raise if weights are still packed."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        from ..errors import ModelSourceError
+
+        raise ModelSourceError(
+            f"the GGUF weights stayed packed ({packed[0]}, ...): load them dequantized, "
+            "e.g. uninstall the `kernels` package so transformers dequantizes GGUF on load")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model

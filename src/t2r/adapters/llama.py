@@ -1,0 +1,77 @@
+"""Llama family (Llama, Mistral, Qwen2, SmolLM): q/k/v/o projections, rotary positions, grouped-query attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import LinearAttention
+from ..errors import UnsupportedModelError
+from ..recipe import Recipe
+from .base import Adapter, key_mask_from, linear_kwargs, register_adapter
+from .cache import recurrent_slot
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D] (HF's rotary embedding output)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D)
+    return x * cos + rotate_half(x) * sin
+
+
+class LlamaLinearAttention(LinearAttention):
+    """Drop-in for `LlamaAttention` and its look-alikes: same projection modules (shared, not copied), same
+    state-dict names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, optional `q_norm`/`k_norm`), plus the feature map."""
+
+    def __init__(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> None:
+        config = original.config
+        head_dim = original.head_dim
+        super().__init__(layer_idx=layer_idx, num_heads=config.num_attention_heads,
+                         num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+                         scale=getattr(original, "scaling", head_dim ** -0.5), recipe=recipe)
+        self.config = config
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            original.q_proj, original.k_proj, original.v_proj, original.o_proj)
+        for norm in ("q_norm", "k_norm"):  # Qwen3-style per-head norms, applied before the rotation
+            if hasattr(original, norm):
+                setattr(self, norm, getattr(original, norm))
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                **kwargs):
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        slot = recurrent_slot(cache if cache is not None else kwargs.get("past_key_values"), self.layer_idx)
+        o = self.attend(q, k, v, key_mask=key_mask_from(attention_mask, T), slot=slot, **linear_kwargs(kwargs))
+        return self.o_proj(o.reshape(B, T, -1)), None
+
+
+@register_adapter
+class LlamaAdapter(Adapter):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    attention_attr = "self_attn"
+
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)
+
+    def check(self, model: nn.Module) -> None:
+        config = model.config
+        if getattr(config, "use_sliding_window", False) or getattr(config, "layer_types", None) and any(
+                t != "full_attention" for t in config.layer_types):
+            raise UnsupportedModelError(
+                "models whose own attention uses sliding windows per layer are not supported yet; "
+                "convert a full-attention variant")
+
+    def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
+        return LlamaLinearAttention(original, layer_idx, recipe)

@@ -1,0 +1,84 @@
+"""The linear attention layer, independent of any model family.
+
+`LinearAttention` owns what the conversion adds (the feature map and, with a window, the per-head window mixing
+factors) and the attention computation itself. An adapter subclass (see `t2r.adapters`) reuses the pretrained q/k/v/o
+projections of the module it replaces, applies the model's own positions, and calls `attend`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .feature_maps import build_feature_map
+from .ops import linear_attention, sliding_window_linear_attention
+from .recipe import Recipe
+
+MODES = ("chunk", "recurrent", "quadratic")
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, T, Hkv, D] -> [B, T, Hkv * groups, D]: each key/value head serves `groups` query heads (GQA)."""
+    if groups == 1:
+        return x
+    B, T, H, D = x.shape
+    return x[:, :, :, None, :].expand(B, T, H, groups, D).reshape(B, T, H * groups, D)
+
+
+class LinearAttention(nn.Module):
+    """Base class of every converted attention module.
+
+    Args:
+        layer_idx: index of the decoder layer (the cache slot).
+        num_heads / num_kv_heads / head_dim: the pretrained attention's geometry.
+        scale: the pretrained softmax scale (used by the sliding window part).
+        recipe: what to build.
+    """
+
+    def __init__(self, *, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 recipe: Recipe) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.recipe = recipe
+        options = dict(recipe.feature_map_options)
+        if recipe.tie_qk is not None:
+            options["tie_qk"] = recipe.tie_qk
+        self.feature_map = build_feature_map(recipe.feature_map, num_heads, head_dim, recipe.feature_dim, **options)
+        if recipe.window:
+            # sigmoid(0) = 0.5: softmax window and linear part start with equal weight (LoLCATs)
+            self.window_logit = nn.Parameter(torch.zeros(num_heads))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+               slot=None, mode: str | None = None) -> torch.Tensor:
+        """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (positions applied); key_mask: [B, T] bool or None;
+        slot: a `RecurrentLayer` to read and advance, or None (no cache); mode: None picks "recurrent" for one
+        token with a state and "chunk" otherwise. Returns o: [B, T, H, D] in v.dtype."""
+        groups = self.num_heads // self.num_kv_heads
+        k, v = repeat_heads(k, groups), repeat_heads(v, groups)  # (B, T, H, D)
+        phi_q, phi_k = self.feature_map(q, k)  # (B, T, H, F) float32
+        if key_mask is not None:
+            phi_k = phi_k * key_mask[:, :, None, None].to(phi_k.dtype)  # padding adds nothing to the state
+        state = None if slot is None else slot.state
+        mode = mode or ("recurrent" if q.shape[1] == 1 and state is not None else "chunk")
+        if mode not in MODES:
+            raise ValueError(f"unknown linear attention mode {mode!r}; known: {', '.join(MODES)}")
+        common = dict(chunk_size=self.recipe.chunk_size, initial_state=state, output_final_state=slot is not None,
+                      eps=self.recipe.eps)
+        if self.recipe.window:
+            o, new_state = sliding_window_linear_attention(
+                q, k, v, phi_q, phi_k, window=self.recipe.window, window_factor=torch.sigmoid(self.window_logit),
+                scale=self.scale, key_mask=key_mask, mode=mode, **common)
+        else:
+            o, new_state = linear_attention(phi_q, phi_k, v, causal=True, mode=mode, **common)
+        if slot is not None:
+            slot.advance(new_state, q.shape[1])
+        return o.to(v.dtype)  # (B, T, H, D)
+
+    def extra_repr(self) -> str:
+        r = self.recipe
+        return (f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"feature_map={r.feature_map}, window={r.window}")

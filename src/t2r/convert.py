@@ -1,0 +1,53 @@
+"""Swap softmax attention for linear attention in a loaded HF model, via its family's adapter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .attention import LinearAttention
+from .adapters import adapter_for, is_converted, mark_converted, swap_attention
+from .errors import T2RError
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def convert(model: nn.Module, feature_map: str = "hedgehog", feature_dim: int | None = None, window: int = 0,
+            keep_softmax_layers: Iterable[int] = (), *, tie_qk: bool | None = None, chunk_size: int = 64,
+            eps: float = 1e-6, feature_map_options: dict | None = None, recipe: Recipe | None = None,
+            seed: int | None = 0) -> nn.Module:
+    """Convert `model` in place and return it: still the same HF model (a subclass of its class), every attention
+    not listed in `keep_softmax_layers` replaced by linear attention that reuses the pretrained q/k/v/o projections.
+    The recipe is recorded in `model.config.t2r`, so `save_pretrained` / `t2r.load` rebuild it.
+
+    `recipe` overrides the individual arguments. `seed` makes the new feature-map weights reproducible
+    (None: use the global RNG as it is)."""
+    if is_converted(model):
+        raise T2RError("this model is already converted (its config has a t2r recipe)")
+    recipe = recipe or Recipe(feature_map=feature_map, feature_dim=feature_dim, window=window,
+                              keep_softmax_layers=tuple(keep_softmax_layers), tie_qk=tie_qk, chunk_size=chunk_size,
+                              eps=eps, feature_map_options=dict(feature_map_options or {}))
+    adapter = adapter_for(model)
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        swap_attention(model, recipe, adapter)
+    # new modules are float32 on CPU; follow the model's device (feature maps stay float32 by design)
+    model.to(param.device)
+    if recipe.feature_dim is None:  # record the map's own default, so the saved recipe is explicit
+        first = next(m for m in model.modules() if isinstance(m, LinearAttention))
+        recipe = replace(recipe, feature_dim=first.feature_map.feature_dim)
+    mark_converted(model, recipe)
+    log.info("converted %d attention layers (%s)", count_linear_layers(model), recipe.feature_map)
+    return model
+
+
+def count_linear_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, LinearAttention) for m in model.modules())

@@ -1,0 +1,82 @@
+"""Public entry points of (causal or non-causal) linear attention: checks, float32 upcast, dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk import linear_attention_chunk_terms
+from .common import LinearState, acc, check_mode, check_rank4, check_same_last, check_state, guard
+from .recurrent import linear_attention_recurrent_terms
+from .reference import linear_attention_noncausal_terms, linear_attention_quadratic_terms
+
+
+def _check_inputs(phi_q, phi_k, v, initial_state, mode, chunk_size) -> None:
+    check_mode(mode, chunk_size)
+    check_rank4(phi_q=phi_q, phi_k=phi_k, v=v)
+    check_same_last("phi_q", phi_q, "phi_k", phi_k)
+    if initial_state is not None:
+        B, _, H, F = phi_k.shape
+        expected = {"S": (B, H, F, v.shape[-1]), "z": (B, H, F)}
+        check_state("LinearState", initial_state, LinearState._fields, expected)
+
+
+def linear_attention_terms(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+    initial_state=None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+):
+    """Unnormalised linear attention: (num [B, T, H, D] f32, den [B, T, H] f32, LinearState or None).
+
+    Same arguments as `linear_attention` (eps is accepted for a uniform signature and unused here).
+    """
+    _check_inputs(phi_q, phi_k, v, initial_state, mode, chunk_size)
+    phi_q, phi_k, v32 = acc(phi_q), acc(phi_k), acc(v)
+    B, _, H, F = phi_k.shape
+    if initial_state is None:
+        S0 = phi_k.new_zeros(B, H, F, v.shape[-1])  # [B, H, F, D]
+        z0 = phi_k.new_zeros(B, H, F)  # [B, H, F]
+    else:
+        S0, z0 = (acc(x) for x in initial_state)
+    if not causal:
+        num, den, state = linear_attention_noncausal_terms(phi_q, phi_k, v32, S0, z0)
+    elif mode == "chunk":
+        num, den, state = linear_attention_chunk_terms(phi_q, phi_k, v32, S0, z0, chunk_size)
+    elif mode == "recurrent":
+        num, den, state = linear_attention_recurrent_terms(phi_q, phi_k, v32, S0, z0)
+    else:
+        num, den, state = linear_attention_quadratic_terms(phi_q, phi_k, v32, S0, z0)
+    return num, den, (state if output_final_state else None)
+
+
+def linear_attention(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+    initial_state=None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+):
+    """Linear attention o_t = phi(q_t)^T S_t / guard(phi(q_t)^T z_t), accumulated in float32.
+
+    phi_q, phi_k: [B, T, H, F]; v: [B, T, H, D]; initial_state: LinearState(S [B, H, F, D], z [B, H, F])
+    or None. causal=True sums keys j <= t (mode "chunk" | "recurrent" | "quadratic"); causal=False sums
+    all keys (mode ignored). guard(d) = d + eps if d >= 0 else d - eps.
+    Returns (o [B, T, H, D] in v.dtype, LinearState of float32 tensors if output_final_state else None).
+    """
+    num, den, state = linear_attention_terms(
+        phi_q, phi_k, v, causal=causal, mode=mode, chunk_size=chunk_size,
+        initial_state=initial_state, output_final_state=output_final_state, eps=eps,
+    )
+    o = num / guard(den, eps).unsqueeze(-1)  # [B, T, H, D]
+    return o.to(v.dtype), state

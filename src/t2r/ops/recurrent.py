@@ -1,0 +1,52 @@
+"""Token-by-token recurrent forms (decoding): a Python loop over t that updates the state, then reads
+it out. Built for T == 1: one outer-product update and one [F] x [F, D] product per head."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import LinearState, WindowState, window_weights
+
+
+def linear_attention_recurrent_terms(phi_q, phi_k, v, S, z):
+    """Causal linear attention, one token at a time. phi_*: [B, T, H, F], v: [B, T, H, D], float32."""
+    nums, dens = [], []
+    for t in range(phi_q.shape[1]):
+        k_t, q_t = phi_k[:, t], phi_q[:, t]  # [B, H, F]
+        S = torch.addcmul(S, k_t.unsqueeze(-1), v[:, t].unsqueeze(-2))  # [B, H, F, D]
+        z = z + k_t  # [B, H, F]
+        nums.append(torch.matmul(q_t.unsqueeze(-2), S).squeeze(-2))  # [B, H, D]
+        dens.append((q_t * z).sum(-1))  # [B, H]
+    return torch.stack(nums, 1), torch.stack(dens, 1), LinearState(S, z)
+
+
+def _push(buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Drop the oldest entry of a [B, H, W, *] (or [B, W]) buffer and append x at the end."""
+    if buffer.dim() == 4:
+        return torch.cat([buffer[:, :, 1:], x.unsqueeze(2)], 2)
+    return torch.cat([buffer[:, 1:], x.unsqueeze(1)], 1)
+
+
+def sliding_window_recurrent_terms(q, k, v, phi_q, phi_k, window, f, scale, valid, state):
+    """Sliding softmax window + linear attention, one token at a time.
+
+    Each step first moves the oldest buffered token (position t - window) into (S, z), then pushes
+    token t into the buffers and reads out. Inputs as in reference.sliding_window_quadratic_terms;
+    state: a full WindowState (buffers of length `window`, float32).
+    """
+    S, z, kb, vb, pb, ok = state
+    fh = f[:, None]  # [H, 1]
+    nums, dens = [], []
+    for t in range(q.shape[1]):
+        S = torch.addcmul(S, pb[:, :, 0].unsqueeze(-1), vb[:, :, 0].unsqueeze(-2))  # [B, H, F, D]
+        z = z + pb[:, :, 0]  # [B, H, F]
+        kb, vb, pb = _push(kb, k[:, t]), _push(vb, v[:, t]), _push(pb, phi_k[:, t])  # [B, H, W, *]
+        ok = _push(ok, valid[:, t])  # [B, W]
+        scores = scale * torch.einsum("bhd,bhwd->bhw", q[:, t], kb)  # [B, H, W]
+        e = window_weights(scores, ok[:, None, :])  # [B, H, W]
+        num_w = torch.einsum("bhw,bhwd->bhd", e, vb)  # [B, H, D]
+        q_t = phi_q[:, t]  # [B, H, F]
+        num_l = torch.matmul(q_t.unsqueeze(-2), S).squeeze(-2)  # [B, H, D]
+        nums.append(fh * num_w + (1 - fh) * num_l)  # [B, H, D]
+        dens.append(f * e.sum(-1) + (1 - f) * (q_t * z).sum(-1))  # [B, H]
+    return torch.stack(nums, 1), torch.stack(dens, 1), WindowState(S, z, kb, vb, pb, ok)

@@ -1,0 +1,126 @@
+"""Saving and loading converted models: safetensors + JSON only, written atomically, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import NotAT2RModelError, T2RError
+
+log = logging.getLogger(__name__)
+
+
+def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write `model` (and `tokenizer`) to `out_dir` via `save_pretrained`, atomically: into a temporary directory
+    beside it, renamed into place only when complete. An existing directory is replaced only with `overwrite=True`
+    and only if it holds a t2r model (nothing else a user made is ever deleted)."""
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite:
+            raise T2RError(f"{out} already exists: choose another --out or pass --overwrite")
+        if not (out.is_dir() and _is_t2r_dir(out)):
+            raise T2RError(f"{out} exists and is not a t2r model directory: refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final directory should look like any other
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved %s", out)
+    return out
+
+
+def _is_t2r_dir(path: Path) -> bool:
+    try:
+        return "t2r" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_model_dir(path: str | Path) -> dict:
+    """Validate a saved t2r model directory before loading it; returns its config dict.
+    Raises NotAT2RModelError naming what is wrong (missing, not converted, damaged weights)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise NotAT2RModelError(f"{str(path)!r} is not a directory: give the --out directory of `t2r convert`")
+    config_file = p / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise NotAT2RModelError(f"{str(path)!r} has no config.json: not a saved model (make one with `t2r convert`)") from None
+    except ValueError as err:
+        raise NotAT2RModelError(f"{config_file} is not valid JSON ({err})") from None
+    if "t2r" not in config:
+        raise NotAT2RModelError(
+            f"{str(path)!r} holds a plain {config.get('model_type', 'HF')} model, not a converted one: "
+            f"run `t2r convert {path} --out DIR` first")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        raise NotAT2RModelError(f"{str(path)!r} has no .safetensors weights (t2r never loads pickled .bin files)")
+    for file in weights:
+        _check_safetensors(file)
+    return config
+
+
+def _check_safetensors(file: Path) -> None:
+    """Read the header and check that every tensor's bytes are present (catches truncated or corrupt files)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise ValueError(f"file has {size} bytes, its header describes {8 + header_len + end}")
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise NotAT2RModelError(f"{file} is damaged or truncated ({err}); convert or download it again") from None
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a saved converted model (any supported family) from a directory; returns it in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from . import adapters  # noqa: F401  (registers the converted classes)
+
+    check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise NotAT2RModelError(f"could not load {str(path)!r}: {str(err).strip().splitlines()[0]}") from err
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside a model, or None if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError):
+        return None

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models of every supported family (built in the test, torchtune-style), a byte-level
+tokenizer, and a saved tiny model directory. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail at once, never hang
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+import transformers
+
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def tiny_config(family: str, vocab_size: int = 300, **overrides):
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        kw = dict(n_embd=64, n_layer=3, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2Config(**{**common, **kw, **overrides})
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[family]
+    if family == "mistral":
+        kw["sliding_window"] = None
+    return cls(**{**common, **kw, **overrides})
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <pad>, <s>, </s> (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A saved, unconverted tiny Llama (GQA) with the byte tokenizer: what a user's local HF directory looks like."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_converted_dir(tmp_path_factory, tiny_model_dir, tokenizer):
+    """The tiny Llama converted (t2r map, window 4, layer 1 kept softmax) and saved with t2r.save."""
+    import t2r
+
+    model = t2r.convert(transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir), feature_map="t2r",
+                        feature_dim=8, window=4, keep_softmax_layers=(1,))
+    path = tmp_path_factory.mktemp("converted") / "tiny-rnn"
+    t2r.save(model, path, tokenizer)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine contention makes timings erratic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,302 @@
+"""The command line, called in-process through `t2r.cli.main` (plus one run of the installed `t2r` script): results on
+stdout (JSON with --json), and every bad input ends in exit code 2 with one `t2r <command>: error: ...` line, no
+traceback, and nothing written."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import t2r.cli
+from t2r import commands
+
+EXIT_USAGE = 2
+CONVERT_FLAGS = ["--feature-map", "t2r", "--feature-dim", "8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine, torch's spinning worker threads make a
+    0.1 s forward take 20 s. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `t2r ARGV`; argparse's own exits count like any other."""
+    try:
+        code = t2r.cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code: int, err: str, command: str, *words: str) -> str:
+    """Exit code 2, no traceback, and exactly one error line, the last one, naming the command; returns it."""
+    assert code == EXIT_USAGE, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    prefix = f"t2r {command}: error:"
+    errors = [line for line in lines if line.startswith(prefix)]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_nothing_written(out_dir) -> None:
+    assert not out_dir.exists()
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
+
+
+@pytest.fixture(scope="module")
+def cli_out(tmp_path_factory, tiny_model_dir):
+    """A model converted by `t2r convert` (window 2, layer 0 kept softmax)."""
+    out = tmp_path_factory.mktemp("cli") / "rnn"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = t2r.cli.main(["-q", "convert", str(tiny_model_dir), "--out", str(out), *CONVERT_FLAGS,
+                             "--window", "2", "--keep-softmax-layers", "0"])
+    assert code == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ success
+
+
+def test_convert(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "rnn"
+    args = ["convert", tiny_model_dir, "--out", out, *CONVERT_FLAGS, "--window", "2", "--keep-softmax-layers", "0"]
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0
+    assert (out / "config.json").is_file()
+    assert f"-> {out}" in stdout and "2 linear attention layers" in stdout
+
+    code, stdout, _ = run_cli(capsys, *args, "--json", "--overwrite")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["out"] == str(out)
+    assert result["linear_layers"] == 2
+    recipe = result["recipe"]
+    assert (recipe["feature_map"], recipe["feature_dim"], recipe["window"], recipe["keep_softmax_layers"]) == \
+        ("t2r", 8, 2, [0])
+    assert json.loads((out / "config.json").read_text())["t2r"] == recipe
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rnn"]
+
+
+def test_verify_json(capsys, cli_out):
+    code, stdout, _ = run_cli(capsys, "verify", cli_out, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["ok"] is True and report["exit_code"] == 0
+    errors = {k: v for k, v in report.items() if "max_rel_err_" in k}
+    for check in ("chunk_vs_quadratic", "recurrent_vs_full", "padded_vs_alone"):
+        assert f"max_rel_err_{check}" in errors, report
+    for key, value in errors.items():
+        assert isinstance(value, float) and 0 <= value < report["tolerance"], (key, report)
+
+
+def test_verify_human(capsys, cli_out):
+    code, stdout, _ = run_cli(capsys, "verify", cli_out, "--tokens", 20, "--prefill", 7)
+    assert code == 0
+    assert "max_rel_err_recurrent_vs_full" in stdout
+    assert stdout.splitlines()[-1].startswith("OK")
+
+
+def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
+    verify_module = sys.modules["t2r.verify"]  # `t2r.verify` is the function; the module lives in sys.modules
+    real_verify = verify_module.verify
+
+    def mismatching_verify(model, **kwargs):
+        report = real_verify(model, **kwargs)
+        report["max_rel_err_recurrent_vs_full"] = 0.5
+        report["ok"] = False
+        return report
+
+    monkeypatch.setattr(verify_module, "verify", mismatching_verify)
+    code, stdout, _ = run_cli(capsys, "verify", cli_out, "--tokens", 20, "--prefill", 7)
+    assert code == 1
+    assert "MISMATCH" in stdout and "0.5" in stdout
+    code, stdout, _ = run_cli(capsys, "verify", cli_out, "--tokens", 20, "--prefill", 7, "--json")
+    assert code == 1
+    report = json.loads(stdout)
+    assert report["ok"] is False and report["exit_code"] == 1
+
+
+def test_generate_json(capsys, cli_out):
+    code, stdout, _ = run_cli(capsys, "generate", cli_out, "--prompt", "hi", "--max-new-tokens", 5, "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["prompt"] == "hi"
+    assert isinstance(result["text"], str)
+    assert 1 <= result["new_tokens"] <= 5  # 5 unless the model emits EOS first
+    assert result["seconds"] >= 0
+    assert result["state_bytes"] > 0
+
+
+def test_generate_human(capsys, cli_out):
+    code, stdout, _ = run_cli(capsys, "generate", cli_out, "--prompt", "hello there", "--max-new-tokens", 3)
+    assert code == 0
+    assert stdout.startswith("hello there")
+    assert "tokens in" in stdout and "state" in stdout
+
+
+def test_installed_script_help():
+    """The console script `t2r` is installed and its help lists every command and every flag."""
+    script = shutil.which("t2r", path=os.path.dirname(sys.executable)) or shutil.which("t2r")
+    assert script, "the t2r console script is not installed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {argv: subprocess.Popen([script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for argv in (("--help",), ("convert", "--help"))}  # both at once: each start-up imports torch
+    results = {argv: (proc.communicate(timeout=120), proc.returncode) for argv, proc in procs.items()}
+
+    (stdout, stderr), code = results[("--help",)]
+    assert code == 0, stderr
+    for fn in commands.COMMANDS:
+        assert fn.__name__.replace("_", "-") in stdout
+    assert "--quiet" in stdout
+
+    (stdout, stderr), code = results[("convert", "--help")]
+    assert code == 0, stderr
+    params = inspect.signature(commands.convert).parameters
+    flags = [f"--{name.replace('_', '-')}" for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    assert len(flags) >= 10
+    for flag in flags:
+        assert flag in stdout, flag
+    assert "model" in stdout
+
+
+def test_help_in_process_mentions_every_flag(capsys):
+    for fn in commands.COMMANDS:
+        code, stdout, _ = run_cli(capsys, fn.__name__.replace("_", "-"), "--help")
+        assert code == 0
+        for name, p in inspect.signature(fn).parameters.items():
+            if p.kind is p.KEYWORD_ONLY:
+                assert f"--{name.replace('_', '-')}" in stdout, (fn.__name__, name)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_convert_unknown_model_path(capsys, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", tmp_path / "nope", "--out", out)
+    assert_usage_error(code, err, "convert", "no such")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("family", ["opt", "bert"])
+def test_convert_unsupported_architecture(capsys, tmp_path, family):
+    if family == "opt":
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=300, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=64))
+    else:
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=64))
+    model.save_pretrained(tmp_path / family)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", tmp_path / family, "--out", out)
+    assert_usage_error(code, err, "convert", f"model type '{family}'", "supported:", "llama", "gpt2")
+    assert_nothing_written(out)
+
+
+def test_convert_unknown_feature_map(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", tiny_model_dir, "--out", out, "--feature-map", "bogus")
+    assert_usage_error(code, err, "convert", "bogus", "known:", "hedgehog", "t2r", "elu", "performer")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("dim", ["0", "-3"])
+def test_convert_bad_feature_dim(capsys, tmp_path, tiny_model_dir, dim):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", tiny_model_dir, "--out", out, "--feature-map", "t2r",
+                           "--feature-dim", dim)
+    assert_usage_error(code, err, "convert", "feature_dim", "positive")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("layers, words", [("0,99", ("[99]", "out of range", "0..2")),
+                                           ("x", ("comma-separated", "'x'"))])
+def test_convert_bad_keep_softmax_layers(capsys, tmp_path, tiny_model_dir, layers, words):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", tiny_model_dir, "--out", out, *CONVERT_FLAGS,
+                           "--keep-softmax-layers", layers)
+    assert_usage_error(code, err, "convert", *words)
+    assert_nothing_written(out)
+
+
+def test_convert_hub_id_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", "some-org/some-model", "--out", out)
+    assert_usage_error(code, err, "convert", "HF_HUB_OFFLINE")
+    assert_nothing_written(out)
+
+
+def test_convert_to_existing_out(capsys, tmp_path, tiny_model_dir, cli_out):
+    out = tmp_path / "rnn"
+    shutil.copytree(cli_out, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(capsys, "convert", tiny_model_dir, "--out", out, *CONVERT_FLAGS)
+    assert_usage_error(code, err, "convert", "already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rnn"]
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_not_a_t2r_model(capsys, tmp_path, tiny_model_dir, command):
+    code, _, err = run_cli(capsys, command, tiny_model_dir)
+    assert_usage_error(code, err, command, "not a converted one", "t2r convert")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, command, tmp_path / "empty")
+    assert_usage_error(code, err, command, "no config.json", "t2r convert")
+    code, _, err = run_cli(capsys, command, tmp_path / "missing")
+    assert_usage_error(code, err, command, "not a directory")
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_truncated_safetensors(capsys, tmp_path, cli_out, command):
+    path = tmp_path / "rnn"
+    shutil.copytree(cli_out, path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, command, path)
+    assert_usage_error(code, err, command, "damaged or truncated")
+
+
+def test_safetensors_with_invalid_header_dtype(capsys, tmp_path, cli_out):
+    path = tmp_path / "rnn"
+    shutil.copytree(cli_out, path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header[next(k for k in header if k != "__metadata__")]["dtype"] = "Q9"
+    weights.write_bytes(data[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(n) + data[8 + n:])
+    try:
+        code, _, err = run_cli(capsys, "verify", path)
+    except Exception as exc:  # noqa: BLE001  (what a user sees as a traceback)
+        pytest.fail(f"uncaught {type(exc).__name__}: {exc}")
+    assert_usage_error(code, err, "verify", "damaged or truncated")
+
+
+def test_generate_zero_new_tokens(capsys, cli_out):
+    code, stdout, err = run_cli(capsys, "generate", cli_out, "--max-new-tokens", 0)
+    assert_usage_error(code, err, "generate", "--max-new-tokens", "positive")
+    assert stdout == ""
