@@ -24,15 +24,6 @@ EXIT_USAGE = 2
 CONVERT_FLAGS = ["--feature-map", "t2r", "--feature-dim", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine, torch's spinning worker threads make a
-    0.1 s forward take 20 s. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `t2r ARGV`; argparse's own exits count like any other."""

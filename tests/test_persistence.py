@@ -32,15 +32,6 @@ RECIPES = {
 FAMILY_CLASS = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine, torch's spinning worker threads make a
-    0.1 s forward take 20 s. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def converted_model(name: str, vocab_size: int):
     """A converted tiny model whose added weights are perturbed away from their initial values, so that a loader

@@ -52,6 +52,14 @@ class LinearAttention(nn.Module):
             # sigmoid(0) = 0.5: softmax window and linear part start with equal weight (LoLCATs)
             self.window_logit = nn.Parameter(torch.zeros(num_heads))
 
+    def qkv(self, hidden_states: torch.Tensor, position_embeddings=None):
+        """The pretrained projections with the model's positions: q [B, T, H, D], k, v [B, T, Hkv, D]."""
+        raise NotImplementedError  # adapters implement it
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] -> [B, T, hidden] through the pretrained output projection."""
+        raise NotImplementedError  # adapters implement it
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
                slot=None, mode: str | None = None) -> torch.Tensor:
         """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (positions applied); key_mask: [B, T] bool or None;

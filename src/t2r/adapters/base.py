@@ -95,9 +95,16 @@ def key_mask_from(attention_mask: torch.Tensor | None, num_new: int) -> torch.Te
     return None if bool(valid.all()) else valid
 
 
-def linear_kwargs(kwargs: dict) -> dict:
-    """The t2r options a caller may thread through a model's forward (`model(ids, t2r_mode="quadratic")`)."""
-    return {"mode": kwargs.get("t2r_mode")}
+def linear_forward(module, hidden_states: torch.Tensor, position_embeddings, attention_mask, cache, kwargs: dict):
+    """The body every adapter's attention forward shares: projections, state slot, attention, output projection.
+    `kwargs` may carry `t2r_mode` ("chunk" | "recurrent" | "quadratic") threaded through the model's forward."""
+    from .cache import recurrent_slot
+
+    q, k, v = module.qkv(hidden_states, position_embeddings)
+    slot = recurrent_slot(cache if cache is not None else kwargs.get("past_key_values"), module.layer_idx)
+    o = module.attend(q, k, v, key_mask=key_mask_from(attention_mask, q.shape[1]), slot=slot,
+                      mode=kwargs.get("t2r_mode"))
+    return module.output(o), None
 
 
 AttentionFactory = Callable[[nn.Module, int, Recipe], nn.Module]

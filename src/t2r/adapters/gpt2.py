@@ -9,8 +9,7 @@ from torch import nn
 from ..attention import LinearAttention
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
-from .base import Adapter, key_mask_from, linear_kwargs, register_adapter
-from .cache import recurrent_slot
+from .base import Adapter, linear_forward, register_adapter
 
 
 class GPT2LinearAttention(LinearAttention):
@@ -23,16 +22,20 @@ class GPT2LinearAttention(LinearAttention):
         self.split_size = original.split_size
         self.c_attn, self.c_proj, self.resid_dropout = original.c_attn, original.c_proj, original.resid_dropout
 
+    def qkv(self, hidden_states: torch.Tensor, position_embeddings=None):
+        """Queries, keys, values [B, T, H, D] (GPT-2's positions are already in the hidden states)."""
+        B, T, _ = hidden_states.shape
+        q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        return tuple(x.view(B, T, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, T, H, D) each
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.c_proj(o.flatten(2)))
+
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None, encoder_hidden_states=None,
                 **kwargs):
         if encoder_hidden_states is not None:
             raise UnsupportedModelError("GPT-2 cross-attention is not converted by t2r")
-        B, T, _ = hidden_states.shape
-        q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
-        q, k, v = (x.view(B, T, self.num_heads, self.head_dim) for x in (q, k, v))  # (B, T, H, D)
-        slot = recurrent_slot(cache if cache is not None else kwargs.get("past_key_values"), self.layer_idx)
-        o = self.attend(q, k, v, key_mask=key_mask_from(attention_mask, T), slot=slot, **linear_kwargs(kwargs))
-        return self.resid_dropout(self.c_proj(o.reshape(B, T, -1))), None
+        return linear_forward(self, hidden_states, None, attention_mask, cache, kwargs)
 
 
 @register_adapter

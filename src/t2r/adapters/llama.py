@@ -8,8 +8,7 @@ from torch import nn
 from ..attention import LinearAttention
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
-from .base import Adapter, key_mask_from, linear_kwargs, register_adapter
-from .cache import recurrent_slot
+from .base import Adapter, linear_forward, register_adapter
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +39,8 @@ class LlamaLinearAttention(LinearAttention):
             if hasattr(original, norm):
                 setattr(self, norm, getattr(original, norm))
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
-                **kwargs):
+    def qkv(self, hidden_states: torch.Tensor, position_embeddings=None):
+        """Queries [B, T, H, D] and keys, values [B, T, Hkv, D] with rotary positions applied."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
@@ -51,9 +50,15 @@ class LlamaLinearAttention(LinearAttention):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        slot = recurrent_slot(cache if cache is not None else kwargs.get("past_key_values"), self.layer_idx)
-        o = self.attend(q, k, v, key_mask=key_mask_from(attention_mask, T), slot=slot, **linear_kwargs(kwargs))
-        return self.o_proj(o.reshape(B, T, -1)), None
+        return q, k, v
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] attention output -> [B, T, hidden] through the pretrained output projection."""
+        return self.o_proj(o.flatten(2))
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                **kwargs):
+        return linear_forward(self, hidden_states, position_embeddings, attention_mask, cache, kwargs)
 
 
 @register_adapter
