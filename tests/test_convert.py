@@ -108,3 +108,22 @@ def test_bad_recipes(kwargs, error, words):
     with pytest.raises(error, match=words):
         t2r.convert(model, **kwargs)
     assert not any(isinstance(m, LinearAttention) for m in model.modules()), "a failed convert left changes"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_softmax_after_conversion(family, tmp_path):
+    """Layers can go back to softmax later (auto layer choice); all of them back == the original model."""
+    from t2r.convert import keep_softmax
+
+    ids = torch.randint(0, 300, (2, 40))
+    reference = tiny_model(family)(ids).logits
+    model = t2r.convert(tiny_model(family), feature_map="t2r", feature_dim=8, window=4)
+    assert keep_softmax(model, [0, 2]) == [0, 2]
+    assert model.config.t2r["keep_softmax_layers"] == [0, 2]
+    assert t2r.verify(model, tokens=40, prefill=20)["ok"]
+    t2r.save(model, tmp_path / "m")
+    assert t2r.load(tmp_path / "m").config.t2r["keep_softmax_layers"] == [0, 2]
+    keep_softmax(model, [1])
+    assert torch.equal(model(ids).logits, reference)
+    with pytest.raises(RecipeError, match="out of range"):
+        keep_softmax(model, [9])

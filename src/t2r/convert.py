@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .attention import LinearAttention
-from .adapters import adapter_for, is_converted, mark_converted, swap_attention
+from .adapters import adapter_for, is_converted, mark_converted, restore_softmax, swap_attention
 from .errors import T2RError
 from .recipe import Recipe
 
@@ -51,3 +51,17 @@ def convert(model: nn.Module, feature_map: str = "hedgehog", feature_dim: int | 
 
 def count_linear_layers(model: nn.Module) -> int:
     return sum(isinstance(m, LinearAttention) for m in model.modules())
+
+
+def keep_softmax(model: nn.Module, layers: Iterable[int]) -> list[int]:
+    """Give `layers` of a converted model their softmax attention back (same projections), and record them in the
+    recipe so a saved model rebuilds the same way. Returns the layers that changed."""
+    if not is_converted(model):
+        raise T2RError("keep_softmax needs a converted model")
+    recipe = Recipe.from_dict(model.config.t2r)
+    layers = sorted(set(int(i) for i in layers))
+    replace(recipe, keep_softmax_layers=tuple(layers)).check_layers(len(adapter_for(model).decoder_layers(model)))
+    changed = restore_softmax(model, layers)
+    kept = tuple(sorted(set(recipe.keep_softmax_layers) | set(layers)))
+    model.config.t2r = replace(recipe, keep_softmax_layers=kept).to_dict()
+    return changed

@@ -27,6 +27,10 @@ class Adapter:
     def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
         raise NotImplementedError
 
+    def softmax_attention(self, linear: nn.Module, config) -> nn.Module:
+        """The family's own softmax attention module rebuilt around `linear`'s (shared) projections."""
+        raise NotImplementedError
+
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError for variants of the family this adapter cannot convert."""
 
@@ -74,6 +78,21 @@ def swap_attention(model: nn.Module, recipe: Recipe, adapter: Adapter | None = N
         original = getattr(layer, adapter.attention_attr)
         setattr(layer, adapter.attention_attr, adapter.linear_attention(original, i, recipe))
     return model
+
+
+def restore_softmax(model: nn.Module, layers, adapter: Adapter | None = None) -> list[int]:
+    """Put softmax attention back in `layers` (their linear modules' projections are reused; the feature maps are
+    dropped). Returns the layers that changed. The caller records the new recipe."""
+    from ..attention import LinearAttention
+
+    adapter = adapter or adapter_for(model)
+    changed = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        module = getattr(layer, adapter.attention_attr)
+        if i in layers and isinstance(module, LinearAttention):
+            setattr(layer, adapter.attention_attr, adapter.softmax_attention(module, model.config))
+            changed.append(i)
+    return changed
 
 
 def key_mask_from(attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor | None:

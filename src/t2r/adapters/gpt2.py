@@ -53,3 +53,12 @@ class GPT2Adapter(Adapter):
 
     def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
         return GPT2LinearAttention(original, layer_idx, recipe)
+
+    def softmax_attention(self, linear: nn.Module, config) -> nn.Module:
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+        with torch.device("meta"):  # placeholders, replaced by the shared modules below
+            module = GPT2Attention(config, layer_idx=linear.layer_idx)
+        module.c_attn, module.c_proj, module.resid_dropout = linear.c_attn, linear.c_proj, linear.resid_dropout
+        module.attn_dropout = torch.nn.Dropout(config.attn_pdrop)
+        return module

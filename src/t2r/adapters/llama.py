@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import torch
 from torch import nn
 
 from ..attention import LinearAttention
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
-from .base import Adapter, linear_forward, register_adapter
+from .base import Adapter, base_model_type, linear_forward, register_adapter
+
+_ATTENTION_CLASS = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention"}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -80,3 +84,14 @@ class LlamaAdapter(Adapter):
 
     def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
         return LlamaLinearAttention(original, layer_idx, recipe)
+
+    def softmax_attention(self, linear: nn.Module, config) -> nn.Module:
+        family = base_model_type(config)
+        attention_cls = getattr(import_module(f"transformers.models.{family}.modeling_{family}"),
+                                _ATTENTION_CLASS[family])
+        with torch.device("meta"):  # its own projections are placeholders, replaced by the shared ones below
+            module = attention_cls(config, linear.layer_idx)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+            if hasattr(linear, name):
+                setattr(module, name, getattr(linear, name))
+        return module
