@@ -7,6 +7,7 @@ import logging
 import time
 
 from .errors import T2RError
+from .units import fmt_bytes
 
 log = logging.getLogger("t2r")
 
@@ -128,44 +129,24 @@ def data(source: str, *, out: str, model: str | None = None, block_size: int = 5
     return data_command(source, out, model=model, block_size=block_size)
 
 
-def demo(*, max_new_tokens: int = 32, json: bool = False) -> dict:
-    """Convert the embedded default model and generate with it beside the original: text, speed, cache size.
+def demo(*, out: str = "runs/demo", json: bool = False) -> dict:
+    """A short pipeline on the embedded default model: convert (Hedgehog map + 64-token softmax window), a brief
+    attention transfer on Jane Austen, then the teacher-vs-RNN perplexity table, text from both, decode speed and
+    cache sizes. Rerunning reuses the finished stages in --out.
 
     Args:
-        max_new_tokens: tokens to generate with each model.
-        json: print the result as JSON.
+        out: run directory.
+        json: print the results as JSON.
     """
-    from .convert import convert as run_convert
-    from .generate import generate as run_generate, kv_cache_bytes_per_token
-    from .sources import load_model
-    from .verify import verify as run_verify
+    from .pipeline import PipelineRecipe, run_pipeline
 
-    model, tokenizer, source = load_model(None)
-    log.info("generating %d tokens with the original model", max_new_tokens)
-    original = run_generate(model, tokenizer, DEMO_PROMPT, max_new_tokens=max_new_tokens)
-    log.info("converting (hedgehog feature map, 64 features; untrained: expect poor text until `t2r distill`)")
-    run_convert(model)
-    log.info("verifying the RNN forms")
-    report = run_verify(model)
-    log.info("generating %d tokens with the converted model", max_new_tokens)
-    converted = run_generate(model, tokenizer, DEMO_PROMPT, max_new_tokens=max_new_tokens)
-    per_token = kv_cache_bytes_per_token(model.config)
-    return {"model": source.describe(), "prompt": DEMO_PROMPT, "verify_ok": report["ok"],
-            "original": original.to_dict(), "converted": converted.to_dict(),
-            "kv_cache_bytes_per_token": per_token,
-            "kv_cache_bytes_at_32k_tokens": per_token * 32768}
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+    return run_pipeline(PipelineRecipe.from_file("demo"), out)
 
 
 def render(command: str, r: dict) -> str:
     """Human-readable text for a command's result."""
+    if command in RENDERERS:
+        return RENDERERS[command](r)
     if command == "convert":
         rec = r["recipe"]
         return (f"converted {r['source']} -> {r['out']}: {r['linear_layers']} linear attention layers "
@@ -174,7 +155,7 @@ def render(command: str, r: dict) -> str:
                 f"{r['seconds']} s")
     if command == "generate":
         return (f"{r['prompt']}{r['text']}\n\n[{r['new_tokens']} tokens in {r['seconds']} s, "
-                f"{r['tokens_per_s']} tokens/s, state {_fmt_bytes(r['state_bytes'])}]")
+                f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")
     if command == "verify":
         lines = [f"{k}: {v:.3g}" for k, v in r.items() if "max_rel_err" in k]
         bounds = f"tolerance {r['tolerance']} in {r['dtype']}" + (
@@ -183,22 +164,14 @@ def render(command: str, r: dict) -> str:
     if command == "data":
         return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "
                 f"tokens in blocks of {r['block_size']}")
-    if command == "demo":
-        o, c = r["original"], r["converted"]
-        return "\n".join([
-            f"model: {r['model']}   prompt: {r['prompt']!r}",
-            f"original  : {o['texts'][0]!r}",
-            f"converted : {c['texts'][0]!r}   (untrained feature maps: quality comes with `t2r distill`)",
-            "",
-            f"{'':10} {'tokens/s':>9} {'cache after ' + str(o['prompt_tokens'] + o['new_tokens']) + ' tokens':>24}"
-            f" {'cache at 32k tokens':>20}",
-            f"{'original':10} {o['tokens_per_s']:9.1f} {_fmt_bytes(o['state_bytes']):>24}"
-            f" {_fmt_bytes(r['kv_cache_bytes_at_32k_tokens']):>20}",
-            f"{'converted':10} {c['tokens_per_s']:9.1f} {_fmt_bytes(c['state_bytes']):>24}"
-            f" {_fmt_bytes(c['state_bytes']):>20}",
-            f"RNN parity check: {'OK' if r['verify_ok'] else 'MISMATCH'}",
-        ])
     return str(r)
 
 
-COMMANDS = [convert, generate, verify, data, demo]
+from .evaluate import eval, render_eval  # noqa: E402  (commands defined beside their library code)
+from .lm_eval_bridge import lm_eval, render_lm_eval  # noqa: E402
+from .pipeline import pipeline, render_pipeline  # noqa: E402
+from .bench import bench, render_bench  # noqa: E402
+
+RENDERERS = {"eval": render_eval, "lm-eval": render_lm_eval, "pipeline": render_pipeline, "demo": render_pipeline,
+             "bench": render_bench}
+COMMANDS = [convert, generate, verify, data, eval, lm_eval, pipeline, bench, demo]

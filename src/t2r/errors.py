@@ -19,3 +19,7 @@ class NotAT2RModelError(T2RError):
 
 class RecipeError(T2RError):
     """A conversion recipe with invalid values."""
+
+
+class DataError(T2RError, ValueError):
+    """A data source that cannot be read or turned into token blocks."""

@@ -64,11 +64,3 @@ def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int 
     return GenerationResult(texts=texts, prompt_tokens=int(enc["input_ids"].shape[1]), new_tokens=int(new.shape[1]),
                             seconds=seconds, tokens_per_s=new.numel() / max(seconds, 1e-9),
                             state_bytes=cache_bytes(cache))
-
-
-def kv_cache_bytes_per_token(config) -> int:
-    """Bytes a softmax model's KV cache grows by per token (float32), for comparisons."""
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * 4

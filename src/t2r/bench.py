@@ -1,0 +1,576 @@
+"""Speed and memory of a converted model against its original (same weights, dtype, threads, one process).
+
+Per context length and batch size: decode ms/token (median of timed steps of the lean loop `t2r.decode`, the two
+models' steps interleaved), prefill tokens/s (a real batch-1 prefill in pieces of `prefill_chunk` tokens carrying the
+cache, where it fits a time cap), cache/state bytes and
+the process's peak RSS; plus the weight-reading floor (one matrix-vector pass over every weight matrix), the
+training-step throughput (forward + backward) and the per-token overhead of HF `generate()` over the lean loop.
+
+A long context needs a cache but not a quadratic prefill for every row: each model's cache at context L is its real
+batch-1 prefill of L tokens where that fits `prefill_cap_s`; otherwise the longest real prefill is extended to L
+(softmax keys/values tiled along the sequence, a recurrent state kept with its token count set to L: the decode cost
+of a step does not depend on what the cached values are). A batch of B repeats the batch-1 cache B times.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json as jsonlib
+import logging
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .adapters import RecurrentLayer, cache_bytes, original_model
+from .decode import decode, iter_decode
+from .errors import T2RError
+from .generate import new_cache
+from .units import fmt_bytes
+
+log = logging.getLogger(__name__)
+
+MODELS = ("original", "converted")
+
+
+def parse_sizes(spec: str, what: str = "--contexts") -> list[int]:
+    """"128,1k,4k,16k" -> [128, 1024, 4096, 16384] (k = 1024), sorted and unique."""
+    sizes = set()
+    for part in spec.replace(" ", "").lower().split(","):
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            value = int(float(part[:-1] if scale > 1 else part) * scale)
+        except ValueError:
+            raise T2RError(f"{what} takes comma-separated sizes like 128,1k,4k (k = 1024); got {spec!r}") from None
+        if value <= 0:
+            raise T2RError(f"{what} sizes must be positive; got {part!r} in {spec!r}")
+        sizes.add(value)
+    if not sizes:
+        raise T2RError(f"{what} is empty; give sizes like 128,1k,4k")
+    return sorted(sizes)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (monotone: it never goes down)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Clock:
+    """Wall time that waits for the device's queued work first."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+# --- caches -------------------------------------------------------------------------------------------------------
+
+def copy_cache(cache, batch: int = 1):
+    """An independent copy of `cache` with every row repeated `batch` times."""
+    with torch.inference_mode():
+        out = copy.deepcopy(cache)
+        if batch > 1:
+            out.batch_repeat_interleave(batch)
+    return out
+
+
+def extend_cache(cache, length: int):
+    """`cache` (batch 1) made to hold `length` tokens: softmax keys/values tiled along the sequence, recurrent
+    states kept as they are with their token count set to `length`. Returns a new cache."""
+    out = copy_cache(cache)
+    with torch.inference_mode():
+        for layer in out.layers:
+            if isinstance(layer, RecurrentLayer):
+                layer.seen_tokens = length
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                reps = -(-length // layer.keys.shape[-2])
+                layer.keys = layer.keys.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
+                layer.values = layer.values.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
+    return out
+
+
+def own_weights(model):
+    """Copy every parameter into memory of the process's own. A model loaded from safetensors keeps its weights in
+    a private map of the file, whose pages the kernel may drop under memory pressure and read back later (and which
+    get no transparent huge pages); the original, built by copying, has neither. Both get the same footing."""
+    with torch.no_grad():
+        for param in model.parameters():  # tied weights are one Parameter: copied once, still tied
+            param.data = param.data.clone()
+    return model
+
+
+# --- measurements -------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def weight_floor_ms(model, device: torch.device, repeats: int = 7) -> float:
+    """Median time of one matrix-vector product with every weight matrix of `model` (each tensor once)."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    weights.update({id(p): p for n, p in model.named_parameters() if p.dim() == 2 and "embed" in n})
+    vectors = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=device) for w in weights.values()}
+    clock, times = Clock(device), []
+    for _ in range(repeats + 1):
+        start = clock()
+        for w in weights.values():
+            torch.nn.functional.linear(vectors[w.shape[1]], w)  # (1, out)
+        times.append(clock() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor, device: torch.device, chunk: int | None = None, budget_s: float = 1.0,
+            max_runs: int = 3):
+    """Real prefill of `ids` ([1, L]) into a fresh cache, one forward per `chunk` tokens (None: one forward);
+    repeated while cheap. Returns (median wall seconds, median process CPU seconds, cache)."""
+    clock, times, cpu, cache = Clock(device), [], [], None
+    step = chunk or ids.shape[1]
+    while not times or (sum(times) < budget_s and len(times) < max_runs):
+        cache = new_cache(model)
+        start, start_cpu = clock(), time.process_time()
+        for piece in ids.split(step, dim=1):
+            model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1)
+        times.append(clock() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), statistics.median(cpu), cache
+
+
+def predict_seconds(history: list[tuple[int, float]], length: int) -> float | None:
+    """Prefill time at `length` from earlier (length, seconds): a t = a L + b L^2 fit through the last two points
+    (a, b >= 0), or linear growth from a single point (short prefills are dominated by their linear part)."""
+    if not history:
+        return None
+    (l1, t1) = history[-1]
+    if len(history) == 1:
+        return t1 * length / l1
+    (l0, t0) = history[-2]
+    b = max((t1 / l1 - t0 / l0) / (l1 - l0), 0.0)
+    a = max(t1 / l1 - b * l1, 0.0)
+    return a * length + b * length ** 2
+
+
+def interleaved_decode(models: dict, caches: dict, *, batch: int, steps: int, warmup: int,
+                       device: torch.device, vocab: int, cap_s: float | None = None) -> tuple[dict, int]:
+    """Decode `warmup + steps` greedy tokens with each model from its cache, one step of each in turn.
+
+    With `cap_s`, the steps are cut (to no fewer than 8) when the first warm-up step says the row would take longer.
+    Returns ({name: [wall seconds per timed step]}, {name: [process CPU seconds per timed step]}, steps timed)."""
+    gen = torch.Generator().manual_seed(1)
+    start_ids = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
+    loops = {n: iter_decode(models[n], start_ids, cache=caches[n], max_new_tokens=warmup + steps + 1)
+             for n in models}
+    clock, times, cpu = Clock(device), {n: [] for n in models}, {n: [] for n in models}
+    total = warmup + steps
+    for i in range(total):
+        for name, loop in loops.items():
+            start, start_cpu = clock(), time.process_time()
+            next(loop)
+            times[name].append(clock() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+        if i == 0 and cap_s is not None:
+            per_step = sum(t[0] for t in times.values())
+            if per_step * total > cap_s:
+                total = warmup + max(8, min(steps, int(cap_s / per_step) - warmup))
+    for loop in loops.values():
+        loop.close()
+    return {n: t[warmup:] for n, t in times.items()}, {n: t[warmup:] for n, t in cpu.items()}, total - warmup
+
+
+def train_tokens_per_s(models: dict, *, seq: int, steps: int, device: torch.device, vocab: int) -> dict:
+    """Forward + backward (full model, loss on next-token prediction) at batch 1, seq `seq`; interleaved."""
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(2)).to(device)
+    clock, times = Clock(device), {n: [] for n in models}
+    for _ in range(steps + 1):
+        for name, model in models.items():
+            model.train()
+            start = clock()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            times[name].append(clock() - start)
+            model.zero_grad(set_to_none=True)
+            model.eval()
+    return {n: seq / statistics.median(t[1:]) for n, t in times.items()}
+
+
+def generate_overhead(models: dict, *, context: int, tokens: int, device: torch.device, vocab: int,
+                      repeats: int = 3) -> dict:
+    """ms/token of HF `generate()` and of the lean `decode` (batch 1, greedy) from the difference between
+    generating tokens + 1 and 1 token (so the prefill cancels out); medians over interleaved repeats."""
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(3)).to(device)
+    mask = torch.ones_like(ids)
+    clock = Clock(device)
+
+    def hf(model, n):
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, cache=new_cache(model), max_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        return out.shape[1] - context
+
+    def lean(model, n):
+        return decode(model, ids, max_new_tokens=n)[0].shape[1]
+
+    results = {n: {"hf_generate": [], "lean_decode": []} for n in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            for kind, run in (("hf_generate", hf), ("lean_decode", lean)):
+                start = clock()
+                made = run(model, tokens + 1)
+                long_s = clock() - start
+                start = clock()
+                run(model, 1)
+                results[name][kind].append((long_s - (clock() - start)) / max(made - 1, 1))
+    out = {"context": context, "batch": 1, "tokens": tokens}
+    for name, kinds in results.items():
+        hf_ms, lean_ms = (statistics.median(kinds[k]) * 1e3 for k in ("hf_generate", "lean_decode"))
+        out[name] = {"hf_generate_ms_per_token": hf_ms, "lean_decode_ms_per_token": lean_ms,
+                     "saved_ms_per_token": hf_ms - lean_ms}
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+def _prepare_context(models: dict, sources: dict, history: dict, length: int, *, device, vocab: int,
+                     cap_s: float, chunk: int | None) -> tuple[dict, dict]:
+    """Each model's batch-1 cache at `length` (real prefill if it fits the cap) and its prefill figures."""
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+    caches, info = {}, {}
+    for name, model in models.items():
+        predicted = predict_seconds(history[name], length)
+        if sources[name] is None or predicted <= cap_s:
+            seconds, cpu_seconds, cache = prefill(model, ids, device, chunk)
+            history[name].append((length, seconds))
+            sources[name] = (length, cache)
+            info[name] = {"prefill_tokens_per_s": length / seconds, "prefill_seconds": seconds,
+                          "prefill_cpu_seconds": cpu_seconds, "cache_fill": "real prefill"}
+        else:
+            source_len, source = sources[name]
+            cache = extend_cache(source, length)
+            info[name] = {"prefill_tokens_per_s": None, "prefill_seconds": None, "prefill_cpu_seconds": None,
+                          "prefill_skipped": f"predicted {predicted:.0f} s > prefill cap {cap_s:.0f} s",
+                          "cache_fill": f"real {source_len}-token prefill extended to {length} tokens"}
+        caches[name] = cache
+    return caches, info
+
+
+def measure_rows(models: dict, contexts: list[int], batches: list[int], *, decode_tokens: int, warmup: int,
+                 device: torch.device, vocab: int, prefill_cap_s: float, decode_cap_s: float,
+                 prefill_chunk: int | None = None) -> list[dict]:
+    """One row per (model, context, batch); contexts ascending so each real prefill can seed the next ones."""
+    sources, history, rows = {n: None for n in models}, {n: [] for n in models}, []
+    for length in contexts:
+        caches, info = _prepare_context(models, sources, history, length, device=device, vocab=vocab,
+                                        cap_s=prefill_cap_s, chunk=prefill_chunk)
+        log.info("context %d: prefill %s", length, {n: i["prefill_seconds"] for n, i in info.items()})
+        for batch in batches:
+            row_caches = {n: copy_cache(caches[n], batch) for n in models}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times, cpu, steps = interleaved_decode(models, row_caches, batch=batch, steps=decode_tokens, warmup=warmup,
+                                              device=device, vocab=vocab, cap_s=decode_cap_s)
+            for name in models:
+                ms = statistics.median(times[name]) * 1e3
+                row = {"model": name, "context": length, "batch": batch, "decode_ms_per_token": ms,
+                       "decode_tokens_per_s": batch * 1e3 / ms, "decode_steps": steps,
+                       "decode_ms_min": min(times[name]) * 1e3, "decode_ms_max": max(times[name]) * 1e3,
+                       "decode_cpu_ms_per_token": statistics.median(cpu[name]) * 1e3,
+                       **info[name], "cache_bytes": cache_bytes(row_caches[name]),
+                       "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes()}
+                if device.type == "cuda":
+                    row["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                rows.append(row)
+            log.info("context %d batch %d: %s ms/token", length, batch,
+                     {n: round(statistics.median(t) * 1e3, 2) for n, t in times.items()})
+            del row_caches
+            gc.collect()
+        del caches
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """original / converted per (context, batch): decode time, cache bytes, prefill time."""
+    by_key = {(r["model"], r["context"], r["batch"]): r for r in rows}
+    out = []
+    for (model, context, batch), conv in by_key.items():
+        orig = by_key.get(("original", context, batch))
+        if model != "converted" or orig is None:
+            continue
+        entry = {"context": context, "batch": batch,
+                 "decode_ms_ratio": orig["decode_ms_per_token"] / conv["decode_ms_per_token"],
+                 "cache_bytes_ratio": orig["cache_bytes"] / max(conv["cache_bytes"], 1),
+                 "prefill_time_ratio": None}
+        if orig["prefill_tokens_per_s"] and conv["prefill_tokens_per_s"]:
+            entry["prefill_time_ratio"] = conv["prefill_tokens_per_s"] / orig["prefill_tokens_per_s"]
+        out.append(entry)
+    return out
+
+
+def run_bench(converted, *, contexts: list[int], batches: list[int], decode_tokens: int = 32, warmup: int = 4,
+              device: str | torch.device = "cpu", prefill_cap_s: float = 120.0, decode_cap_s: float = 120.0,
+              train_seq: int = 2048, train_steps: int = 2, generate_tokens: int = 16,
+              prefill_chunk: int | None = 2048) -> dict:
+    """Measure `converted` against `original_model(converted)`; returns the JSON-able result (see module doc)."""
+    device = torch.device(device)
+    converted = own_weights(converted.to(device).eval())
+    models = {"original": original_model(converted).eval(), "converted": converted}
+    vocab = converted.config.get_text_config(decoder=True).vocab_size
+    param = next(converted.parameters())
+    import transformers
+
+    result = {"machine": machine_info(device), "torch": torch.__version__, "transformers": transformers.__version__,
+              "threads": torch.get_num_threads(), "dtype": str(param.dtype).replace("torch.", ""),
+              "model": getattr(converted.config, "_name_or_path", ""), "recipe": converted.config.t2r,
+              "contexts": contexts, "batches": batches, "decode_tokens": decode_tokens, "warmup": warmup,
+              "prefill_cap_s": prefill_cap_s, "decode_cap_s": decode_cap_s, "prefill_chunk": prefill_chunk,
+              "load_average_start": os.getloadavg()}  # other processes on the machine skew every timing
+    log.info("weight floor")
+    result["weight_floor_ms"] = weight_floor_ms(models["original"], device)
+    if generate_tokens > 0:
+        log.info("HF generate vs the lean decode loop at context %d", contexts[0])
+        result["generate_loop"] = generate_overhead(models, context=contexts[0], tokens=generate_tokens,
+                                                    device=device, vocab=vocab)
+    result["rows"] = measure_rows(models, contexts, batches, decode_tokens=decode_tokens, warmup=warmup,
+                                  device=device, vocab=vocab, prefill_cap_s=prefill_cap_s,
+                                  decode_cap_s=decode_cap_s, prefill_chunk=prefill_chunk)
+    result["ratios"] = ratios(result["rows"])
+    if train_steps > 0:
+        log.info("training step throughput at seq %d", train_seq)
+        result["train_tokens_per_s"] = {"seq": train_seq, "batch": 1, **train_tokens_per_s(
+            models, seq=train_seq, steps=train_steps, device=device, vocab=vocab)}
+    result["load_average_end"] = os.getloadavg()
+    result["targets"] = targets(result)
+    result["notes"] = notes(result)
+    return result
+
+
+def notes(result: dict) -> list[str]:
+    short = [f"{r['model']} {r['context']}x{r['batch']}: {r['decode_steps']} steps" for r in result["rows"]
+             if r["decode_steps"] < result["decode_tokens"]]
+    return [
+        "decode_ms_per_token: median over decode_steps greedy steps of the lean loop t2r.decode.iter_decode "
+        "(one model forward + argmax per token), after `warmup` steps; the two models' steps alternate",
+        "caches: each model's real batch-1 prefill where cache_fill says so; otherwise that model's longest real "
+        "prefill extended (softmax keys/values tiled along the sequence, recurrent state kept, token count set); "
+        "batch B repeats the batch-1 cache B times",
+        "prefill_tokens_per_s: a batch-1 prefill of the context in forwards of prefill_chunk tokens carrying the "
+        "cache, the same for both models (median of up to 3 runs when short); "
+        "None where skipped (prefill_skipped says why)",
+        "cache_bytes: keys/values or recurrent state after the timed steps; peak_rss_bytes: the process's peak RSS "
+        "so far (monotone, both models' weights included); rss_bytes: current RSS",
+        "*_cpu_*: process CPU time (all threads) of the same steps/prefills: less sensitive than wall time to other "
+        "jobs taking the cores, more sensitive to threads spinning",
+        "weight_floor_ms: one matrix-vector product (batch 1) with every weight matrix, each tensor once",
+        "train_tokens_per_s: forward + backward of the whole model at batch 1 (converted: chunked form; "
+        "original: its attention implementation)",
+        *(["decode steps cut by decode_cap_s: " + "; ".join(short)] if short else []),
+    ]
+
+
+# --- the issue's targets ------------------------------------------------------------------------------------------
+
+def _row(rows, model, context, batch):
+    return next((r for r in rows if (r["model"], r["context"], r["batch"]) == (model, context, batch)), None)
+
+
+def _target(name: str, value: float | None, threshold: float, higher_is_better: bool, detail: str = "") -> dict:
+    met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
+    return {"target": name, "value": value, "threshold": threshold, "met": met, "detail": detail}
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run (met None: not measured in this run)."""
+    rows, contexts, batches = result["rows"], result["contexts"], result["batches"]
+    lo, hi, b1 = contexts[0], contexts[-1], batches[0]
+    ms = {(r["model"], r["context"], r["batch"]): r["decode_ms_per_token"] for r in rows}
+    conv = [ms[("converted", c, b1)] for c in contexts if ("converted", c, b1) in ms]
+    out = [_target(f"converted decode flat: ms/token at {hi} / at {lo} (batch {b1})",
+                   ms[("converted", hi, b1)] / ms[("converted", lo, b1)], 1.10, False),
+           _target(f"slowest converted decode / original decode at {lo} (batch {b1})",
+                   max(conv) / ms[("original", lo, b1)], 1.0, False),
+           _target("slowest converted decode / weight-reading floor (batch 1)",
+                   max(conv) / result["weight_floor_ms"] if b1 == 1 else None, 1.2, False),
+           _target(f"original / converted decode time at {hi} (batch {b1})",
+                   ms[("original", hi, b1)] / ms[("converted", hi, b1)], 3.0, True)]
+    big = (8 in batches and 4096 in contexts)
+    out.append(_target("original / converted decode time (= tokens/s ratio) at 4096, batch 8",
+                       ms[("original", 4096, 8)] / ms[("converted", 4096, 8)] if big else None, 4.0, True))
+    for b in batches:
+        sizes = {r["cache_bytes"] for r in rows if r["model"] == "converted" and r["batch"] == b}
+        out.append(_target(f"converted state bytes distinct values across contexts (batch {b})", len(sizes), 1,
+                           False, f"state {sorted(sizes)} B; KV cache of the original: " + ", ".join(
+                               f"{r['context']}: {r['cache_bytes']}" for r in rows
+                               if r["model"] == "original" and r["batch"] == b)))
+    tps = {(r["model"], r["context"]): r["prefill_tokens_per_s"] for r in rows if r["batch"] == b1}
+    orig4k = tps.get(("original", 4096))
+    for c in (4096, 16384):
+        value = tps.get(("converted", c)) / orig4k if orig4k and tps.get(("converted", c)) else None
+        out.append(_target(f"converted prefill tokens/s at {c} / original's at 4096", value, 1.0, True))
+    real = [(c, tps[("converted", c)]) for c in contexts if tps.get(("converted", c))]
+    base = next(((c, t) for c, t in real if c >= 1024), real[0] if real else None)
+    exponent = None
+    if base and real and real[-1][0] > base[0]:  # time ~ L^p: p = 1 + log(tps_base / tps_last) / log(L ratio)
+        import math
+        exponent = 1 + math.log(base[1] / real[-1][1]) / math.log(real[-1][0] / base[0])
+    out.append(_target(f"converted prefill time growth exponent p (time ~ L^p) from {base and base[0]} to "
+                       f"{real and real[-1][0]}", exponent, 1.15, False))
+    train = result.get("train_tokens_per_s")
+    out.append(_target(f"training tokens/s (fwd+bwd, seq {train and train['seq']}) converted / original",
+                       train["converted"] / train["original"] if train else None, 1.0, True))
+    return out
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+def _fmt(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render_bench(result: dict) -> str:
+    """The human-readable table of a `bench` result."""
+    rows, m = result["rows"], result["machine"]
+    lines = [f"{m['cpu']} ({m['cpu_count']} cpus{', ' + m['gpu'] if 'gpu' in m else ''}), torch {result['torch']}, "
+             f"{result['threads']} threads, {result['dtype']}, device {m['device']}",
+             f"{'context':>7} {'batch':>5} | {'ms/token orig':>13} {'conv':>7} {'ratio':>6} | "
+             f"{'prefill tok/s orig':>18} {'conv':>7} | {'KV cache':>10} {'state':>10} | {'peak RSS':>9}"]
+    for r in ratios(rows):
+        o, c = (_row(rows, n, r["context"], r["batch"]) for n in MODELS)
+        lines.append(f"{o['context']:>7} {o['batch']:>5} | {o['decode_ms_per_token']:>13.1f} "
+                     f"{c['decode_ms_per_token']:>7.1f} {r['decode_ms_ratio']:>6.2f} | "
+                     f"{_fmt(o['prefill_tokens_per_s'], '.0f'):>18} {_fmt(c['prefill_tokens_per_s'], '.0f'):>7} | "
+                     f"{fmt_bytes(o['cache_bytes']):>10} {fmt_bytes(c['cache_bytes']):>10} | "
+                     f"{fmt_bytes(max(o['peak_rss_bytes'], c['peak_rss_bytes'])):>9}")
+    lines.append(f"weight-reading floor: {result['weight_floor_ms']:.1f} ms")
+    g = result.get("generate_loop")
+    if g:
+        lines.append(f"HF generate vs lean decode (context {g['context']}, batch 1), ms/token: " + "; ".join(
+            f"{n} {g[n]['hf_generate_ms_per_token']:.1f} -> {g[n]['lean_decode_ms_per_token']:.1f}"
+            for n in MODELS if n in g))
+    t = result.get("train_tokens_per_s")
+    if t:
+        lines.append(f"training (fwd+bwd, seq {t['seq']}, batch 1) tokens/s: original {t['original']:.0f}, "
+                     f"converted {t['converted']:.0f}")
+    for tg in result.get("targets", []):
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[tg["met"]]
+        lines.append(f"[{verdict}] {tg['target']}: {_fmt(tg['value'], '.3g')} "
+                     f"({'>=' if 'tokens/s' in tg['target'] or tg['target'].startswith('original') else '<='} "
+                     f"{tg['threshold']})")
+    return "\n".join(lines)
+
+
+def plot_bench(result: dict, path: str | Path) -> Path:
+    """PNG: decode ms/token vs context (log x) per model and batch with the floor; cache bytes vs context."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise T2RError("--plot needs matplotlib: pip install matplotlib (or t2r[bench])") from None
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    speed, memory = fig.subplots(1, 2)
+    styles = {"original": ("tab:red", "o"), "converted": ("tab:blue", "s")}
+    for (name, batch) in sorted({(r["model"], r["batch"]) for r in result["rows"]}):
+        rows = sorted((r for r in result["rows"] if (r["model"], r["batch"]) == (name, batch)),
+                      key=lambda r: r["context"])
+        color, marker = styles[name]
+        dash = "-" if batch == result["batches"][0] else "--"
+        xs = [r["context"] for r in rows]
+        speed.plot(xs, [r["decode_ms_per_token"] for r in rows], dash, color=color, marker=marker,
+                   label=f"{name}, batch {batch}")
+        memory.plot(xs, [r["cache_bytes"] / 2**20 for r in rows], dash, color=color, marker=marker,
+                    label=f"{name}, batch {batch}")
+    speed.axhline(result["weight_floor_ms"], color="gray", linestyle=":", label="weight-reading floor")
+    speed.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms / token (log)",
+              title="decode step time")
+    memory.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB", title="KV cache / state")
+    for ax in (speed, memory):
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model'] or 'model'}: {result['machine']['cpu']}, {result['threads']} threads, "
+                 f"{result['dtype']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def bench(model: str, *, contexts: str = "128,1k,4k,16k", batch: str = "1,8", decode_tokens: int = 32,
+          warmup: int = 4, plot: str | None = None, out_json: str | None = None, threads: int | None = None,
+          device: str = "cpu", prefill_cap_s: float = 120.0, decode_cap_s: float = 120.0, train_seq: int = 2048,
+          train_steps: int = 2, generate_tokens: int = 16, prefill_chunk: int = 2048, json: bool = False) -> dict:
+    """Measure decode speed, prefill speed and memory of a converted model against its original.
+
+    Args:
+        model: directory of a converted model (from `t2r convert`); its original is rebuilt from the same weights.
+        contexts: context lengths, comma-separated (k = 1024).
+        batch: batch sizes, comma-separated.
+        decode_tokens: timed decode steps per (model, context, batch); the median is reported.
+        warmup: untimed decode steps before them.
+        plot: write a PNG plot (decode ms/token and cache bytes vs context) to this file; needs matplotlib.
+        out_json: write the full result as JSON to this file.
+        threads: torch CPU threads (default: torch's own choice).
+        device: torch device to run on, e.g. cpu or cuda.
+        prefill_cap_s: skip a real prefill predicted to take longer; its cache is then extended from a shorter one.
+        decode_cap_s: cut a row's decode steps (to no fewer than 8) when it would take longer than this.
+        train_seq: sequence length of the training-step throughput measurement.
+        train_steps: timed training steps per model (0 = skip the measurement).
+        generate_tokens: tokens per run when timing HF generate against the lean decode loop (0 = skip).
+        prefill_chunk: prefill in forwards of this many tokens, carrying the cache (0 = one forward per context).
+        json: print the result as JSON.
+    """
+    from .persistence import load
+
+    if decode_tokens < 1 or warmup < 0:
+        raise T2RError(f"need --decode-tokens >= 1 and --warmup >= 0, got {decode_tokens} and {warmup}")
+    if threads is not None and threads < 1:
+        raise T2RError(f"--threads must be >= 1, got {threads}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
+    sizes, batches = parse_sizes(contexts), parse_sizes(batch, "--batch")
+    converted = load(model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        result = run_bench(converted, contexts=sizes, batches=batches, decode_tokens=decode_tokens, warmup=warmup,
+                           device=device, prefill_cap_s=prefill_cap_s, decode_cap_s=decode_cap_s,
+                           train_seq=train_seq, train_steps=train_steps, generate_tokens=generate_tokens,
+                           prefill_chunk=prefill_chunk or None)
+    finally:
+        torch.set_num_threads(previous)
+    result["model"] = str(model)
+    if plot:
+        result["plot"] = str(plot_bench(result, plot))
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(jsonlib.dumps(result, indent=2) + "\n")
+        result["json_file"] = str(out_json)
+    return result

@@ -1,0 +1,291 @@
+"""Stage 1, attention transfer: train only the feature maps (and window mixing factors) so that every converted
+layer's linear attention reproduces the softmax attention of the original model, layer by layer.
+
+One step costs about one forward pass of the teacher: the teacher (the student's own weights with softmax attention,
+`t2r.adapters.original_model`, weights shared) runs without gradients up to the last converted layer, forward
+pre-hooks capture each attention module's input hidden states and positions; then each converted layer computes
+q, k, v with its frozen pretrained projections, the softmax attention output (the target, before o_proj) and its
+linear attention output (the prediction) on them. Gradients flow only through the feature maps: there is no backward
+pass through the network.
+
+Losses, averaged over the converted layers:
+    mse  = mean((o_linear - o_softmax)^2) / var(o_softmax)      (normalised so that layers are comparable)
+    ce   = Hedgehog's cross-entropy between the softmax attention rows and the linear attention's normalised rows
+           (with a window: the hybrid rows), weight `attn_ce`; quadratic memory in the block length.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import LinearAttention, repeat_heads
+from .errors import T2RError
+from .ops.common import window_weights
+from .train import Task, TrainConfig, check_run_dir, parse_tokens, train
+
+log = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    """Raised by the last hook: the teacher's remaining layers and LM head are not needed."""
+
+
+def share_weights(copy: nn.Module, source: nn.Module) -> nn.Module:
+    """Point every parameter of `copy` at the parameter of the same name in `source` (frozen weights, one copy)."""
+    params = dict(source.named_parameters(remove_duplicate=False))
+    for prefix, module in copy.named_modules():
+        for name, param in list(module._parameters.items()):
+            full = f"{prefix}.{name}" if prefix else name
+            if param is not None and full in params:
+                module._parameters[name] = params[full]
+    return copy
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention: q [B, T, H, D], k, v [B, T, Hkv, D] -> [B, T, H, D] (the teacher's, pre o_proj)."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = repeat_heads(k, groups), repeat_heads(v, groups)  # (B, T, H, D)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       scale=scale)  # (B, H, T, D)
+    return o.transpose(1, 2)  # (B, T, H, D)
+
+
+def attention_rows(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax rows, linear attention rows) [B, H, T, T] of one layer on q [B, T, H, D], k [B, T, Hkv, D]: the
+    causal softmax attention weights, and the weights the linear (or window + linear) attention gives the same keys,
+    normalised to sum to 1. `rows @ v` is `attend`'s output (its quadratic twin)."""
+    B, T, H, _ = q.shape
+    k = repeat_heads(k, H // k.shape[2])  # (B, T, H, D)
+    scores = attn.scale * torch.einsum("bthd,bshd->bhts", q.float(), k.float())  # (B, H, T, T)
+    diff = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]  # (T, T)
+    softmax_rows = torch.softmax(scores.masked_fill(diff < 0, float("-inf")), dim=-1)  # (B, H, T, T)
+    phi_q, phi_k = attn.feature_map(q, k)  # (B, T, H, F)
+    linear = torch.einsum("bthf,bshf->bhts", phi_q, phi_k)  # (B, H, T, T)
+    window = attn.recipe.window
+    if window:
+        f = torch.sigmoid(attn.window_logit).view(1, H, 1, 1)
+        weights = f * window_weights(scores, (diff >= 0) & (diff < window)) + (1 - f) * linear * (diff >= window)
+    else:
+        weights = linear * (diff >= 0)
+    return softmax_rows, weights / (weights.sum(-1, keepdim=True) + attn.recipe.eps)  # (B, H, T, T) x 2
+
+
+def attention_rows_ce(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Hedgehog's loss: cross-entropy of the linear attention's rows under the softmax rows, mean over queries."""
+    target, rows = attention_rows(attn, q, k)
+    return -(target * torch.log(rows.clamp_min(1e-12))).sum(-1).mean()
+
+
+class AttentionTransfer(nn.Module):
+    """forward(input_ids [B, T]) -> {"loss", "mse", "ce", "layer_errors" [layers]}: see the module docstring.
+
+    Only the student is a submodule; the teacher shares its weights and is kept out of `parameters()`, so that
+    optimizers and DDP see only the student."""
+
+    def __init__(self, student: nn.Module, *, attn_ce: float = 0.0) -> None:
+        super().__init__()
+        from .adapters import adapter_for, original_model
+
+        self.student, self.attn_ce = student, attn_ce
+        teacher = share_weights(original_model(student), student).eval()
+        object.__setattr__(self, "teacher", teacher)  # not a submodule
+        adapter = adapter_for(student)
+        student_layers, teacher_layers = adapter.decoder_layers(student), adapter.decoder_layers(teacher)
+        self.pairs = [(getattr(s, adapter.attention_attr), getattr(t, adapter.attention_attr))
+                      for s, t in zip(student_layers, teacher_layers)
+                      if isinstance(getattr(s, adapter.attention_attr), LinearAttention)]
+        self.num_layers = len(student_layers)
+        if not self.pairs:
+            raise T2RError("the model has no linear attention layers: every layer kept softmax, nothing to distill")
+
+    def train(self, mode: bool = True) -> "AttentionTransfer":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def capture(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, object]]:
+        """The teacher's forward (no grad) up to the last converted layer: each converted layer's attention input
+        (hidden states [B, T, hidden], position embeddings or None)."""
+        captured: dict[int, tuple] = {}
+        last = len(self.pairs) - 1
+
+        def hook_for(i):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                captured[i] = (hidden, kwargs.get("position_embeddings"))
+                if i == last:
+                    raise _Captured
+            return hook
+
+        handles = [t.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, (_, t) in enumerate(self.pairs)]
+        try:
+            with torch.no_grad():
+                self.teacher(input_ids=input_ids, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[i] for i in range(len(self.pairs))]
+
+    def forward(self, input_ids: torch.Tensor) -> dict:
+        mses, ces = [], []
+        for (attn, _), (hidden, positions) in zip(self.pairs, self.capture(input_ids)):
+            with torch.no_grad():
+                q, k, v = attn.qkv(hidden, positions)  # (B, T, H, D), (B, T, Hkv, D) x 2
+                target = softmax_attention(q, k, v, attn.scale).float()  # (B, T, H, D)
+            pred = attn.attend(q, k, v, mode="chunk").float()  # (B, T, H, D)
+            mses.append((pred - target).pow(2).mean() / target.var().clamp_min(1e-8))
+            if self.attn_ce:
+                ces.append(attention_rows_ce(attn, q, k))
+        mse = torch.stack(mses).mean()
+        ce = torch.stack(ces).mean() if ces else mse.new_zeros(())
+        errors = torch.zeros(self.num_layers, device=mse.device)
+        errors[[attn.layer_idx for attn, _ in self.pairs]] = torch.stack(mses).detach()
+        return {"loss": mse + self.attn_ce * ce, "mse": mse.detach(), "ce": ce.detach(), "layer_errors": errors}
+
+
+@torch.no_grad()
+def layer_errors(student: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1) -> list[float]:
+    """Each layer's attention-transfer error (normalised MSE of its linear vs softmax attention output, mean over
+    `blocks` [N, T]); 0.0 for layers that kept softmax attention. Higher = harder to linearise."""
+    transfer = AttentionTransfer(student).eval()
+    total = torch.zeros(transfer.num_layers)
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start:start + batch_size].to(next(student.parameters()).device)
+        total += transfer(batch)["layer_errors"].cpu() * batch.shape[0]
+    return [float(x) for x in total / blocks.shape[0]]
+
+
+class DistillTask(Task):
+    """Attention transfer as a trainer task: feature maps (and window logits) train, everything else is frozen."""
+
+    def __init__(self, student: nn.Module, tokenizer=None, *, attn_ce: float = 0.0) -> None:
+        trainable = 0
+        for name, param in student.named_parameters():
+            param.requires_grad_(".feature_map." in name or name.endswith("window_logit"))
+            trainable += param.numel() if param.requires_grad else 0
+        if not trainable:
+            raise T2RError(f"feature map {student.config.t2r['feature_map']!r} has no parameters and there is no "
+                           "window: nothing to distill; convert with a learned map (hedgehog, t2r, taylor)")
+        self.module = AttentionTransfer(student, attn_ce=attn_ce)
+        self.tokenizer = tokenizer
+
+    def evaluate(self, module: AttentionTransfer, heldout: torch.Tensor) -> dict:
+        from .evaluate import perplexity
+
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            outputs = [module(heldout[i:i + 1].to(device)) for i in range(heldout.shape[0])]
+        errors = torch.stack([o["layer_errors"] for o in outputs]).mean(0)  # (layers,)
+        result = perplexity(module.student, heldout, batch_size=1)
+        return {"ppl": result["ppl"], "nll": result["nll"],
+                "transfer_mse": sum(float(o["mse"]) for o in outputs) / len(outputs),
+                "layer_errors": [round(float(x), 6) for x in errors]}
+
+    def export(self, module: AttentionTransfer, out: Path) -> None:
+        from .persistence import save
+
+        save(module.student, out, self.tokenizer)
+
+
+def attention_transfer(student: nn.Module, blocks, out: str | Path, config: TrainConfig, *, tokenizer=None,
+                       attn_ce: float = 0.0, settings: dict | None = None, resume: bool = False,
+                       overwrite: bool = False, on_step=None) -> dict:
+    """Stage 1 on a loaded converted model (changed in place); the final model is saved to `out`. Returns the
+    run summary (see `t2r.train.Trainer`) plus the final per-layer transfer errors."""
+    from .adapters import is_converted
+
+    if not is_converted(student):
+        raise T2RError("attention transfer needs a converted model: run `t2r convert` first")
+    if attn_ce < 0:
+        raise T2RError(f"--attn-ce is a loss weight >= 0, got {attn_ce}")
+    task = DistillTask(student, tokenizer, attn_ce=attn_ce)
+    settings = {"stage": "distill", "attn_ce": attn_ce, **(settings or {})}
+    summary = train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite,
+                    on_step=on_step)
+    return summary
+
+
+def _budget(tokens: str, steps: int) -> dict:
+    if steps < 0:
+        raise T2RError(f"--steps must be positive (or 0: use --tokens), got {steps}")
+    return {"steps": steps} if steps else {"tokens": parse_tokens(tokens)}
+
+
+def load_training_data(data: str, tokenizer, block_size: int | None):
+    """Token blocks of `data` (see `t2r.data`); a prepared folder keeps its block size, else 512."""
+    from .data import _read_meta, prepare_data
+
+    if block_size is None:
+        meta = _read_meta(Path(data).expanduser()) if Path(data).expanduser().is_dir() else None
+        block_size = int(meta["block_size"]) if meta else 512
+    return prepare_data(data, tokenizer, block_size=block_size)
+
+
+def distill(model: str, *, data: str = "austen", tokens: str = "300k", steps: int = 0, out: str = "runs/distilled",
+            lr: float = 1e-2, batch_size: int = 1, grad_accum: int = 1, warmup: float = 0.05,
+            attn_ce: float = 0.0, block_size: int | None = None, eval_every: int = 100, eval_blocks: int = 16,
+            checkpoint_every: int = 100, seed: int = 0, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, json: bool = False) -> dict:
+    """Stage 1, attention transfer: train the feature maps so each linear attention layer imitates softmax attention.
+
+    Args:
+        model: directory of a converted model (from `t2r convert`).
+        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder.
+        tokens: token budget, e.g. 300k or 1M (rounded up to whole steps).
+        steps: optimizer steps instead of --tokens (0: use --tokens).
+        out: run directory: metrics.jsonl, checkpoint/, then the final model.
+        lr: peak learning rate of AdamW (linear warmup, cosine decay to 10%).
+        batch_size: blocks per micro-batch per process.
+        grad_accum: micro-batches per optimizer step.
+        warmup: warmup steps (a fraction of all steps if < 1).
+        attn_ce: weight of Hedgehog's cross-entropy between attention rows (quadratic memory in the block size).
+        block_size: tokens per block (default: the prepared folder's, else 512).
+        eval_every: evaluate on held-out blocks every this many steps (0: only before and after).
+        eval_blocks: held-out blocks per evaluation.
+        checkpoint_every: write a checkpoint every this many steps (0: only on Ctrl-C).
+        seed: seed of the data order and of the RNG.
+        resume: continue the interrupted run in --out from its last checkpoint.
+        overwrite: delete an earlier run in --out and start again.
+        progress: show a progress bar on stderr.
+        json: print the result as JSON.
+    """
+    from .persistence import load, load_tokenizer
+
+    config = TrainConfig(lr=lr, **_budget(tokens, steps), batch_size=batch_size, grad_accum=grad_accum,
+                         warmup=warmup, eval_every=eval_every, eval_blocks=eval_blocks,
+                         checkpoint_every=checkpoint_every, seed=seed, progress=progress)
+    check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
+    student = load(model)
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        raise T2RError(f"{model!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
+    blocks = load_training_data(data, tokenizer, block_size)
+    started = time.perf_counter()
+    summary = attention_transfer(student, blocks, out, config, tokenizer=tokenizer, attn_ce=attn_ce,
+                                 settings={"model": str(Path(model).resolve()), "data": data},
+                                 resume=resume, overwrite=overwrite)
+    return {"model": model, "data": data, "stage": "distill", **summary,
+            "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def _eval_line(name: str, e: dict | None) -> str:
+    if not e:
+        return f"{name}: -"
+    extra = f", transfer mse {e['transfer_mse']:.4g}" if "transfer_mse" in e else ""
+    return f"{name}: held-out ppl {e['ppl']:.2f}{extra}"
+
+
+def render_distill(r: dict) -> str:
+    """Human-readable text for `t2r distill`."""
+    lines = [f"distilled {r['model']} on {r['data']} -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
+             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))",
+             _eval_line("before", r.get("eval_before")), _eval_line("after ", r.get("eval_after"))]
+    return "\n".join(lines)

@@ -1,0 +1,625 @@
+"""The trainer shared by attention transfer (stage 1, `t2r.distill`) and finetuning (stage 2, `t2r.finetune`).
+
+A stage hands over a `Task`: a module whose `forward(input_ids [B, T])` returns {"loss": scalar, ...metrics}, plus a
+held-out evaluation and an export. The trainer owns the rest: AdamW, linear warmup + cosine decay, gradient clipping
+and accumulation, a token or step budget, a progress bar, `metrics.jsonl` (and TensorBoard when importable), periodic
+held-out evaluation, atomic safetensors checkpoints with exact resume, Ctrl-C and NaN handling. It runs under
+`accelerate`: one process, or DDP (`torchrun --nproc_per_node 2 -m t2r ...`, `accelerate launch --multi_gpu ...`;
+on CPU too), FSDP / DeepSpeed from accelerate's own config. There is no hand-written distributed code here beyond
+giving each process its share of every batch.
+
+The run directory OUT:
+    metrics.jsonl           one JSON record per optimizer step ("train") and per evaluation ("eval")
+    checkpoint/             the last checkpoint while the run is unfinished (replaced atomically):
+        trainable.safetensors   the trainable weights by name
+        optimizer.safetensors   AdamW's state tensors, "<index>.<key>"
+        rng-<rank>.safetensors  each process's torch RNG state (uint8)
+        state.json              step, data position, scheduler, optimizer groups, the run's settings
+    config.json, *.safetensors, tokenizer files: the final model (`t2r.save`), once finished
+    train.json              the run summary, once finished (the checkpoint is removed then)
+
+Data order: epoch e visits the train blocks in `torch.randperm(N, generator=seed + e)` order; optimizer step s,
+micro-batch m, process r reads stream positions ((s * accum + m) * world + r) * B ... + B. The position is a function
+of the step, so resuming at step s with the same settings replays exactly what an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import T2RError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+SUMMARY = "train.json"
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+class TrainError(T2RError):
+    """A training run that cannot start or continue; the message says what to do."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def parse_tokens(spec: str | int) -> int:
+    """A token budget: 300000, "300k", "1M", "1.5m", "2e5" -> int > 0."""
+    if isinstance(spec, bool):
+        raise TrainError(f"--tokens takes a number of tokens like 300k or 1M, got {spec!r}")
+    if isinstance(spec, int):
+        value = spec
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmbg]?)\s*(?:tokens?)?\s*", str(spec).lower())
+        if not m:
+            raise TrainError(f"--tokens takes a number of tokens like 300000, 300k or 1M, got {spec!r}")
+        value = round(float(m[1]) * _UNITS[m[2]])
+    if value <= 0:
+        raise TrainError(f"the token budget must be positive, got {spec!r}: nothing would be trained")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one run. `steps` (optimizer steps) wins over `tokens` when set; a token budget is
+    rounded up to whole steps of batch_size * grad_accum * processes * block_size tokens. `warmup` < 1 is a fraction
+    of the steps, >= 1 a number of steps; the cosine decays to `min_lr` times `lr`."""
+
+    lr: float
+    tokens: int | None = None
+    steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup: float = 0.05
+    min_lr: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    eval_blocks: int = 16
+    checkpoint_every: int = 100
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval_blocks": self.eval_blocks}
+        for name, value in positive.items():
+            if not value > 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {value!r}")
+        if self.steps is None and self.tokens is None:
+            raise TrainError("give a budget: tokens or steps")
+        if self.steps is not None and self.steps <= 0:
+            raise TrainError(f"--steps must be positive, got {self.steps}: nothing would be trained")
+        if self.tokens is not None and self.tokens <= 0:
+            raise TrainError(f"the token budget must be positive, got {self.tokens}: nothing would be trained")
+        for name in ("warmup", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr <= 1:
+            raise TrainError(f"min_lr is a fraction of lr in [0, 1], got {self.min_lr!r}")
+
+    def total_steps(self, tokens_per_step: int) -> int:
+        return self.steps if self.steps is not None else max(1, math.ceil(self.tokens / tokens_per_step))
+
+    def resume_settings(self) -> dict:
+        """What must match for a resumed run to end where the uninterrupted one would (progress/eval may change)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("progress", "eval_every", "eval_blocks",
+                                                                    "checkpoint_every")}
+
+
+class Task:
+    """What a stage gives the trainer. `module.forward(input_ids)` returns {"loss": scalar, **metrics} where each
+    metric is a detached scalar or 1-D tensor ("lm_loss" is shown as perplexity). Its parameters with
+    `requires_grad` are the ones trained."""
+
+    module: nn.Module
+
+    def evaluate(self, module: nn.Module, heldout: torch.Tensor) -> dict:
+        """Held-out metrics of the (unwrapped) module on blocks [N, T]; JSON-able."""
+        return {}
+
+    def export(self, module: nn.Module, out: Path) -> None:
+        """Write the final model to the empty directory `out` (with `t2r.save` or `save_pretrained`)."""
+        raise NotImplementedError
+
+
+def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
+    """The multiplier of lr for optimizer step `step` (0-based): linear warmup, then cosine to `min_lr`."""
+    warm = round(warmup) if warmup >= 1 else math.ceil(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BlockStream:
+    """Train blocks in a fresh seeded permutation each epoch: stream position -> block index."""
+
+    def __init__(self, num_blocks: int, seed: int) -> None:
+        self.num_blocks, self.seed = num_blocks, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        for p in range(start, start + count):
+            epoch, i = divmod(p, self.num_blocks)
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.num_blocks,
+                                                     generator=torch.Generator().manual_seed(self.seed + epoch))}
+            out.append(self._perms[epoch][i])
+        return torch.stack(out)
+
+
+def make_accelerator():
+    """An `Accelerator`; on a machine without GPUs it is told so, so that several CPU processes (torchrun) form a
+    gloo DDP group instead of each training alone."""
+    from accelerate import Accelerator
+
+    has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+    return Accelerator(cpu=not has_device)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """Check OUT for a new or resumed run without touching it: (checkpoint to resume from or None, wipe OUT first).
+    Every process runs this, so all of them raise the same error."""
+    checkpoint = find_checkpoint(out)
+    finished = (out / SUMMARY).is_file()
+    if resume:
+        if finished and checkpoint is None:
+            raise TrainError(f"{out} holds a finished run ({SUMMARY}); nothing to resume: choose another --out")
+        if checkpoint is None:
+            log.info("no checkpoint in %s: starting from the beginning", out)
+        return checkpoint, False
+    if not (out.exists() and any(out.iterdir())):
+        return None, False
+    if checkpoint is not None and not overwrite:
+        raise TrainError(f"{out} holds an interrupted run: pass --resume to continue it, --overwrite to start "
+                         "again, or choose another --out")
+    if not overwrite:
+        raise TrainError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    if not (finished or checkpoint is not None or (out / METRICS).is_file()):
+        raise TrainError(f"{out} is not a t2r run directory: refusing to delete it; choose another --out")
+    return None, True
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """OUT/checkpoint, or the previous one if a crash hit the moment of replacing it."""
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records a crashed run wrote after its last checkpoint (the resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class RunLock:
+    """An exclusive lock on OUT (a sibling file `.OUT.lock`, flock: released by the OS even after kill -9), so that
+    two runs never write into one directory."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, out.with_name(f".{out.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise TrainError(f"another t2r run is writing to {self.out} (process {self.path.read_text().strip() or '?'}):"
+                             " wait for it to end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_tensors(state: dict) -> tuple[dict, dict]:
+    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict, rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _set_rng(tensors: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(accelerator, out: Path, named: list[tuple[str, nn.Parameter]], optimizer, scheduler,
+                    state: dict) -> None:
+    """Write OUT/checkpoint atomically: everything into .checkpoint.partial, then swap it into place."""
+    partial, final, old = out / f".{CHECKPOINT}.partial", out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file(_rng_tensors(), str(partial / f"rng-{accelerator.process_index}.safetensors"))
+    opt_tensors, opt_rest = _optimizer_tensors(optimizer.state_dict())
+    if main:
+        save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(partial / "trainable.safetensors"))
+        save_file(opt_tensors, str(partial / "optimizer.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        _write_json(partial / "state.json", {**state, "scheduler": sched, "optimizer": opt_rest,
+                                             "trainable": [n for n, _ in named]})
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path: Path, named: list[tuple[str, nn.Parameter]], optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, schedule and this process's RNG from `path`; returns state.json."""
+    state = json.loads((path / "state.json").read_text())
+    names = [n for n, _ in named]
+    if state["trainable"] != names:
+        raise TrainError(f"{path} was written for other trainable parameters ({len(state['trainable'])} vs "
+                         f"{len(names)}): resume with the same model and settings, or start a new --out")
+    weights = load_file(str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(weights[name])
+    optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    rng = path / f"rng-{accelerator.process_index}.safetensors"
+    _set_rng(load_file(str(rng if rng.is_file() else path / "rng-0.safetensors")))
+    return state
+
+
+# ----------------------------------------------------------------------------- interruption
+
+
+class _Interrupts:
+    """Ctrl-C / SIGTERM set a flag (shared by all processes through accelerate's trigger); the loop checkpoints
+    and stops after the current step. A second Ctrl-C stops at once (the previous checkpoint stays)."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.previous: dict = {}
+        self.pending = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        self.accelerator.set_trigger()
+        log.warning("interrupted: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        return self.accelerator.check_trigger()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+Callback = Callable[[int, dict], None]
+
+
+class Trainer:
+    """One run of a `Task` on token blocks into the run directory `out` (see the module docstring).
+
+    `settings` are the stage's own options (model, data, losses): with the optimisation settings they must match
+    for `resume=True` to continue a checkpoint. `on_step(step, record)` is called on every process after each
+    optimizer step (and its checkpoint, if one was due)."""
+
+    def __init__(self, task: Task, blocks, config: TrainConfig, out: str | Path, *, settings: dict,
+                 resume: bool = False, overwrite: bool = False) -> None:
+        self.accelerator = acc = make_accelerator()
+        self.task, self.config, self.out = task, config, Path(out)
+        self.train_blocks, self.heldout = blocks.train, blocks.heldout
+        if self.train_blocks.dim() != 2 or self.train_blocks.shape[0] == 0:
+            raise TrainError(f"no train blocks to train on (shape {tuple(self.train_blocks.shape)})")
+        num_blocks, self.block_size = self.train_blocks.shape
+        self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * self.block_size
+        self.total_steps = config.total_steps(self.tokens_per_step)
+        self.settings = json.loads(json.dumps({
+            **settings, **config.resume_settings(), "processes": acc.num_processes, "block_size": self.block_size,
+            "train_blocks": num_blocks, "total_steps": self.total_steps}))
+        self.lock = RunLock(self.out).acquire() if acc.is_main_process else None
+        try:
+            checkpoint, wipe = check_run_dir(self.out, resume=resume, overwrite=overwrite)
+            if wipe and acc.is_main_process:
+                shutil.rmtree(self.out)
+            acc.wait_for_everyone()
+            self._setup(task, config, checkpoint, num_blocks)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, task: Task, config: TrainConfig, checkpoint: Path | None, num_blocks: int) -> None:
+        acc = self.accelerator
+        self.named = [(n, p) for n, p in task.module.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise TrainError("nothing to train: the model has no trainable parameters for this stage")
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.AdamW([p for _, p in self.named], lr=config.lr, weight_decay=config.weight_decay)
+        total, warmup, min_lr = self.total_steps, config.warmup, config.min_lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, min_lr))
+        self.model, self.optimizer = acc.prepare(task.module, optimizer)
+        self.stream = BlockStream(num_blocks, config.seed)
+        self.step, self.checkpoint_step, self.eval_before = 0, None, None
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        self.train_seconds, self.trained_tokens = 0.0, 0
+
+    def close(self) -> None:
+        """Release OUT for other runs (also done at the end of `run`, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _resume(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / "state.json").read_text())["settings"]
+        diff = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in diff)
+            raise TrainError(f"cannot resume {checkpoint}: settings differ from the interrupted run ({changes}); "
+                             "resume with the same settings, or start a new --out")
+        state = load_checkpoint(self.accelerator, checkpoint, self.named, self.optimizer, self.scheduler)
+        self.step = self.checkpoint_step = state["step"]
+        self.eval_before = state.get("eval_before")
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.out / METRICS, self.step)
+        log.info("resuming %s at step %d of %d", self.out, self.step, self.total_steps)
+
+    def run(self, on_step: Callback | None = None) -> dict:
+        """Train to the budget, export the final model into OUT and return the run summary."""
+        try:
+            return self._run(on_step)
+        finally:
+            self.close()
+
+    def _run(self, on_step: Callback | None) -> dict:
+        acc, started = self.accelerator, time.perf_counter()
+        self.resumed_from = self.step
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = _tensorboard(self.out) if acc.is_main_process else None
+        with _Interrupts(acc) as interrupts, self._progress_bar() as bar:
+            if self.step == 0:
+                self.eval_before = self._evaluate()
+            while self.step < self.total_steps:
+                record = self._train_step()
+                bar.update(self.tokens_per_step)
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ppl") if k in record}, refresh=False)
+                if self.config.eval_every and self.step % self.config.eval_every == 0 \
+                        and self.step < self.total_steps:
+                    self._evaluate()
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 \
+                        and self.step < self.total_steps:
+                    self._checkpoint()
+                if on_step is not None:
+                    on_step(self.step, record)
+                if interrupts.requested():
+                    self._stop()
+            eval_after = self._evaluate()
+        return self._finish(eval_after, time.perf_counter() - started)
+
+    def _batch(self, micro: int) -> torch.Tensor:
+        cfg, acc = self.config, self.accelerator
+        start = ((self.step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index) * cfg.batch_size
+        return self.train_blocks[self.stream.indices(start, cfg.batch_size)].to(acc.device)  # (B, T)
+
+    def _train_step(self) -> dict:
+        cfg, acc = self.config, self.accelerator
+        started = time.perf_counter()
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            ids = self._batch(micro)
+            with acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else nullcontext():
+                outputs = self.model(ids)
+                acc.backward(outputs["loss"] / cfg.grad_accum)
+            for key, value in outputs.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float().reshape(-1) / cfg.grad_accum
+        metrics = self._reduce(totals)
+        grad_norm = None
+        if math.isfinite(metrics["loss"]) and cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_([p for _, p in self.named], cfg.max_grad_norm))
+        self._check_finite(metrics["loss"], grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        self.trained_tokens += self.tokens_per_step
+        record = {"kind": "train", "step": self.step, "tokens": self.step * self.tokens_per_step, **metrics,
+                  "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(self.tokens_per_step / seconds, 2)}
+        if "lm_loss" in metrics:
+            record["ppl"] = math.exp(min(metrics["lm_loss"], 50.0))
+        self._log(record)
+        return record
+
+    def _reduce(self, totals: dict[str, torch.Tensor]) -> dict:
+        """Mean over processes of every metric, in one all-reduce; scalars -> float, vectors -> list."""
+        sizes = [v.numel() for v in totals.values()]
+        flat = self.accelerator.reduce(torch.cat(list(totals.values())), "mean").cpu()
+        parts = flat.split(sizes)
+        return {k: float(p) if p.numel() == 1 else [round(float(x), 6) for x in p] for k, p in zip(totals, parts)}
+
+    def _check_finite(self, loss: float, grad_norm: float | None) -> None:
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            return
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        kept = (f"the last good checkpoint (step {self.checkpoint_step}) is kept in {self.out / CHECKPOINT}: "
+                "continue from it with --resume and a lower --lr" if self.checkpoint_step is not None else
+                "no checkpoint had been written yet: start again with a lower --lr")
+        raise NonFiniteLossError(f"{what} at step {self.step + 1} of {self.total_steps}; the weights were not "
+                                 f"updated, {kept}")
+
+    def _evaluate(self) -> dict | None:
+        acc, result = self.accelerator, None
+        if acc.is_main_process:
+            module = acc.unwrap_model(self.model)
+            was_training = module.training
+            module.eval()
+            result = self.task.evaluate(module, self.heldout[: self.config.eval_blocks])
+            module.train(was_training)
+            self._log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step, **result})
+        acc.wait_for_everyone()
+        return result
+
+    def _checkpoint(self) -> None:
+        state = {"step": self.step, "total_steps": self.total_steps, "tokens": self.step * self.tokens_per_step,
+                 "blocks_read": self.step * self.tokens_per_step // self.block_size, "settings": self.settings,
+                 "eval_before": self.eval_before}
+        save_checkpoint(self.accelerator, self.out, self.named, self.optimizer, self.scheduler, state)
+        self.checkpoint_step = self.step
+        log.debug("checkpoint at step %d", self.step)
+
+    def _stop(self) -> None:
+        if self.checkpoint_step != self.step:
+            self._checkpoint()
+        log.warning("stopped at step %d of %d; the checkpoint is in %s: continue with --resume", self.step,
+                    self.total_steps, self.out / CHECKPOINT)
+        raise KeyboardInterrupt
+
+    def _log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.out / METRICS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("step", "tokens"):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["tokens"])
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
+                    unit="tok", unit_scale=True, dynamic_ncols=True, leave=False, smoothing=0.1,
+                    disable=not (self.config.progress and self.accelerator.is_main_process))
+
+    def _finish(self, eval_after: dict | None, seconds: float) -> dict:
+        acc = self.accelerator
+        summary = {"out": str(self.out), "steps": self.step, "tokens": self.step * self.tokens_per_step,
+                   "tokens_per_step": self.tokens_per_step, "processes": acc.num_processes,
+                   "resumed_from_step": self.resumed_from or None, "seconds": round(seconds, 2),
+                   "train_tokens_per_s": round(self.trained_tokens / self.train_seconds, 2)
+                   if self.train_seconds else None,
+                   "eval_before": self.eval_before, "eval_after": eval_after}
+        if acc.is_main_process:
+            self._export()
+            _write_json(self.out / SUMMARY, summary)
+            for name in (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.partial"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        acc.wait_for_everyone()
+        return summary
+
+    def _export(self) -> None:
+        """The task writes the final model into OUT/.export; its files then move into OUT, config.json last."""
+        staging = self.out / ".export"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.task.export(self.accelerator.unwrap_model(self.model), staging)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+            target = self.out / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+        staging.rmdir()
+        log.info("saved the final model to %s", self.out)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(task: Task, blocks, config: TrainConfig, out: str | Path, *, settings: dict, resume: bool = False,
+          overwrite: bool = False, on_step: Callback | None = None) -> dict:
+    """Run `task` on `blocks` (a `t2r.data.TokenBlocks`) to the budget of `config`; see `Trainer`."""
+    return Trainer(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite).run(on_step)

@@ -1,0 +1,77 @@
+"""`t2r pipeline` on a tiny model and a small text: every stage runs, the report is written, a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import t2r
+from t2r.cli import main
+from t2r.pipeline import PipelineRecipe, RecipeFileError, parse_keep_softmax, worst_layers
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 12
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_model_dir):
+    (tmp_path / "text.txt").write_text(TEXT)
+    recipe = {
+        "name": "tiny", "model": str(tiny_model_dir), "data": str(tmp_path / "text.txt"), "block_size": 64,
+        "convert": {"feature_map": "hedgehog", "feature_dim": 8, "window": 4},
+        "distill": {"steps": 3, "lr": 0.01, "eval_every": 0},
+        "keep_softmax": "auto:1",
+        "finetune": {"steps": 2, "lora": 2, "kd": 0.5, "eval_every": 0},
+        "eval": {"data": [str(tmp_path / "text.txt")], "context": 64, "max_blocks": 2},
+        "generate": {"prompt": "It is", "max_new_tokens": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_pipeline_end_to_end_and_resume(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(recipe_file), "--out", str(out), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    stages = [row["stage"] for row in results["stages"]]
+    assert stages[0] == "original" and stages[1] == "after swap" and len(stages) == 5
+    assert results["final_model"] == str(out / "finetune")
+    assert len(results["layer_errors"]) == 3
+    model = t2r.load(out / "finetune")
+    assert len(model.config.t2r["keep_softmax_layers"]) == 1
+    report = (out / "report.md").read_text()
+    assert "Held-out perplexity" in report and "decode ms/token" in report
+    # a second run finds every stage finished and reports the same final perplexity
+    assert main(["pipeline", "--config", str(recipe_file), "--out", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["stages"][-1]["ppl"] == results["stages"][-1]["ppl"]
+
+
+def test_recipe_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nconvrt: {}\n")
+    with pytest.raises(RecipeFileError, match="unknown recipe entries"):
+        PipelineRecipe.from_file(bad)
+    bad.write_text("name: x\ndistill: {tokenz: 3}\n")
+    with pytest.raises(RecipeFileError, match="unknown distill settings"):
+        PipelineRecipe.from_file(bad)
+    with pytest.raises(RecipeFileError, match="does not exist"):
+        PipelineRecipe.from_file(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeFileError, match="auto:N"):
+        parse_keep_softmax("auto:30", 30)
+    assert parse_keep_softmax("auto:3", 30) == ("auto", 3)
+    assert parse_keep_softmax([15, 0], 30) == ("fixed", [0, 15])
+    assert worst_layers([0.1, 0.5, 0.3, 0.5], 2) == [1, 3]
+
+
+def test_shipped_recipes_parse():
+    from t2r.pipeline import shipped_recipes
+
+    recipes = shipped_recipes()
+    assert {"t2r-paper", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto", "demo"} <= set(recipes)
+    for name in recipes:
+        assert PipelineRecipe.from_file(name).name == name
