@@ -131,7 +131,8 @@ def test_bad_inputs(tmp_path, tokenizer, tiny_model_dir, tiny_converted_dir):
     with pytest.raises(DataError, match="fewer than one block"):
         distill(str(tiny_converted_dir), data=str(tmp_path / "short.txt"), out=str(tmp_path / "o6"), progress=False)
     with pytest.raises(T2RError, match="nothing to distill"):
-        attention_transfer(converted(tokenizer, feature_map="elu", feature_dim=None), blocks(), tmp_path / "o7", config())
+        attention_transfer(converted(tokenizer, feature_map="elu", feature_dim=None), blocks(), tmp_path / "o7",
+                           config())
     with pytest.raises(T2RError, match="attn-ce"):
         attention_transfer(converted(tokenizer), blocks(), tmp_path / "o8", config(), attn_ce=-1.0)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))

@@ -33,8 +33,8 @@ def student(tokenizer, seed: int = 0):
 
 def blocks(n_train: int = 12, n_heldout: int = 2, T: int = 32, seed: int = 0) -> TokenBlocks:
     g = torch.Generator().manual_seed(seed)
-    return TokenBlocks(torch.randint(3, 60, (n_train, T), generator=g), torch.randint(3, 60, (n_heldout, T), generator=g),
-                       {})
+    train = torch.randint(3, 60, (n_train, T), generator=g)
+    return TokenBlocks(train, torch.randint(3, 60, (n_heldout, T), generator=g), {})
 
 
 def config(**kw) -> TrainConfig:

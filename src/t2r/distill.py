@@ -16,6 +16,7 @@ Losses, averaged over the converted layers:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -45,6 +46,12 @@ def share_weights(copy: nn.Module, source: nn.Module) -> nn.Module:
             if param is not None and full in params:
                 module._parameters[name] = params[full]
     return copy
+
+
+def follow_device(module: nn.Module, device: torch.device) -> None:
+    """Move a teacher kept outside the trained module (so `accelerate` did not move it) to where the inputs are."""
+    if any(t.device != device for t in itertools.chain(module.parameters(), module.buffers())):
+        module.to(device)
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,6 +130,7 @@ class AttentionTransfer(nn.Module):
                     raise _Captured
             return hook
 
+        follow_device(self.teacher, input_ids.device)
         handles = [t.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, (_, t) in enumerate(self.pairs)]
         try:
             with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import _budget, load_training_data
+from .distill import _budget, follow_device, load_training_data
 from .errors import T2RError
 from .train import Task, TrainConfig, check_run_dir, train
 
@@ -88,6 +88,7 @@ class LanguageModeling(nn.Module):
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         out = {"loss": lm, "lm_loss": lm.detach()}
         if self.kd:
+            follow_device(self.teacher, input_ids.device)
             with torch.no_grad():
                 target = self.teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
             kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
@@ -152,7 +153,6 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
         s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if s != t:
             raise T2RError(f"the teacher predicts {t} tokens, the student {s}: distillation needs the same vocabulary")
-        teacher.to(next(student.parameters()).device)
     torch.manual_seed(config.seed)  # LoRA's initial weights
     if lora:
         model = apply_lora(student, lora, lora_modules)

@@ -244,8 +244,9 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise TrainError(f"another t2r run is writing to {self.out} (process {self.path.read_text().strip() or '?'}):"
-                             " wait for it to end, or choose another --out") from None
+            holder = self.path.read_text().strip() or "?"
+            raise TrainError(f"another t2r run is writing to {self.out} (process {holder}): wait for it to end, "
+                             "or choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
