@@ -138,3 +138,25 @@ def test_finetune_command_end_to_end(tmp_path, tiny_converted_dir, tiny_model_di
     # a plain (never converted) model: the baseline "teacher finetuned on the same tokens"
     r = finetune(str(tiny_model_dir), out=str(tmp_path / "baseline"), **common)
     assert r["steps"] == 8 and (tmp_path / "baseline" / "config.json").is_file()
+
+
+def test_command_functions_make_valid_cli_parsers(capsys):
+    """`t2r.cli` turns the signature and the `Args:` lines into the command line: every parameter documented, help
+    renders, flags parse into the function's keyword arguments."""
+    import argparse
+    import inspect
+
+    from t2r import cli
+    from t2r.distill import distill
+
+    parser = argparse.ArgumentParser(prog="t2r")
+    sub = parser.add_subparsers(dest="command")
+    for fn in (distill, finetune):
+        assert cli._param_help(inspect.getdoc(fn)).keys() == set(inspect.signature(fn).parameters)
+        cli._add_command(sub, fn)
+        with pytest.raises(SystemExit):
+            parser.parse_args([fn.__name__, "--help"])
+        assert "--resume" in capsys.readouterr().out
+    args = vars(parser.parse_args(["finetune", "runs/x", "--lora", "8", "--kd", "0.5", "--no-progress",
+                                   "--lr", "1e-4", "--tokens", "1M"]))
+    assert (args["lora"], args["kd"], args["progress"], args["lr"], args["tokens"]) == (8, 0.5, False, 1e-4, "1M")

@@ -21,7 +21,8 @@ from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
 from t2r.finetune import finetune_model
-from t2r.train import (BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError, lr_factor, parse_tokens)
+from t2r.train import (METRICS, BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError, lr_factor,
+                       parse_tokens)
 
 STEPS = 6
 
@@ -200,9 +201,14 @@ def test_resume_refuses_other_settings(tmp_path, tokenizer):
 
 
 def test_resume_without_checkpoint_starts_fresh_and_a_finished_run_is_kept(tmp_path, tokenizer):
+    with pytest.raises(Crash):  # dies before its first checkpoint
+        finetune_model(student(tokenizer), blocks(), tmp_path / "r", config(steps=2), tokenizer=tokenizer,
+                       on_step=crash_at(1))
     summary = finetune_model(student(tokenizer), blocks(), tmp_path / "r", config(steps=2), tokenizer=tokenizer,
                              resume=True)
     assert summary["steps"] == 2 and summary["resumed_from_step"] is None
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / METRICS).read_text().splitlines()]
+    assert steps == [0, 1, 2, 2]  # eval, train, train, eval: nothing left from the crashed attempt
     with pytest.raises(TrainError, match="finished"):
         finetune_model(student(tokenizer), blocks(), tmp_path / "r", config(steps=2), tokenizer=tokenizer,
                        resume=True)
@@ -210,9 +216,10 @@ def test_resume_without_checkpoint_starts_fresh_and_a_finished_run_is_kept(tmp_p
         finetune_model(student(tokenizer), blocks(), tmp_path / "r", config(steps=2), tokenizer=tokenizer)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(TrainError, match="not a t2r run"):
-        finetune_model(student(tokenizer), blocks(), tmp_path / "mine", config(steps=2), tokenizer=tokenizer,
-                       overwrite=True)
+    for flags in (dict(overwrite=True), dict(resume=True)):
+        with pytest.raises(TrainError, match="not a t2r run"):
+            finetune_model(student(tokenizer), blocks(), tmp_path / "mine", config(steps=2), tokenizer=tokenizer,
+                           **flags)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 

@@ -170,8 +170,10 @@ def render(command: str, r: dict) -> str:
 from .evaluate import eval, render_eval  # noqa: E402  (commands defined beside their library code)
 from .lm_eval_bridge import lm_eval, render_lm_eval  # noqa: E402
 from .pipeline import pipeline, render_pipeline  # noqa: E402
+from .distill import distill, render_distill  # noqa: E402
+from .finetune import finetune, render_finetune  # noqa: E402
 from .bench import bench, render_bench  # noqa: E402
 
 RENDERERS = {"eval": render_eval, "lm-eval": render_lm_eval, "pipeline": render_pipeline, "demo": render_pipeline,
-             "bench": render_bench}
-COMMANDS = [convert, generate, verify, data, eval, lm_eval, pipeline, bench, demo]
+             "bench": render_bench, "distill": render_distill, "finetune": render_finetune}
+COMMANDS = [convert, generate, verify, data, distill, finetune, eval, lm_eval, pipeline, bench, demo]

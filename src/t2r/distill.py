@@ -238,8 +238,8 @@ def load_training_data(data: str, tokenizer, block_size: int | None):
 
 
 def distill(model: str, *, data: str = "austen", tokens: str = "300k", steps: int = 0, out: str = "runs/distilled",
-            lr: float = 1e-2, batch_size: int = 1, grad_accum: int = 1, warmup: float = 0.05,
-            attn_ce: float = 0.0, block_size: int | None = None, eval_every: int = 100, eval_blocks: int = 16,
+            lr: float = 3e-2, batch_size: int = 1, grad_accum: int = 1, warmup: float = 0.05,
+            attn_ce: float = 0.0, block_size: int | None = None, eval_every: int = 250, eval_blocks: int = 8,
             checkpoint_every: int = 100, seed: int = 0, resume: bool = False, overwrite: bool = False,
             progress: bool = True, json: bool = False) -> dict:
     """Stage 1, attention transfer: train the feature maps so each linear attention layer imitates softmax attention.
@@ -250,14 +250,14 @@ def distill(model: str, *, data: str = "austen", tokens: str = "300k", steps: in
         tokens: token budget, e.g. 300k or 1M (rounded up to whole steps).
         steps: optimizer steps instead of --tokens (0: use --tokens).
         out: run directory: metrics.jsonl, checkpoint/, then the final model.
-        lr: peak learning rate of AdamW (linear warmup, cosine decay to 10%).
+        lr: peak learning rate of AdamW (linear warmup, then cosine decay to a tenth of it).
         batch_size: blocks per micro-batch per process.
         grad_accum: micro-batches per optimizer step.
         warmup: warmup steps (a fraction of all steps if < 1).
         attn_ce: weight of Hedgehog's cross-entropy between attention rows (quadratic memory in the block size).
-        block_size: tokens per block (default: the prepared folder's, else 512).
+        block_size: tokens per block; unset: the prepared folder's, else 512.
         eval_every: evaluate on held-out blocks every this many steps (0: only before and after).
-        eval_blocks: held-out blocks per evaluation.
+        eval_blocks: held-out blocks per evaluation (each costs two forward passes: transfer error and perplexity).
         checkpoint_every: write a checkpoint every this many steps (0: only on Ctrl-C).
         seed: seed of the data order and of the RNG.
         resume: continue the interrupted run in --out from its last checkpoint.

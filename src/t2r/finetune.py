@@ -204,7 +204,7 @@ def finetune(model: str, *, data: str = "austen", tokens: str = "300k", steps: i
         warmup: warmup steps (a fraction of all steps if < 1).
         weight_decay: AdamW weight decay.
         max_grad_norm: clip the gradient norm to this (0: no clipping).
-        block_size: tokens per block (default: the prepared folder's, else 512).
+        block_size: tokens per block; unset: the prepared folder's, else 512.
         eval_every: evaluate on held-out blocks every this many steps (0: only before and after).
         eval_blocks: held-out blocks per evaluation.
         checkpoint_every: write a checkpoint every this many steps (0: only on Ctrl-C).

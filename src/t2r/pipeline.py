@@ -9,7 +9,7 @@ A recipe (see src/t2r/recipes/*.yaml, usable by name: `t2r pipeline --config hed
     data: austen                    # training text (anything `t2r data` takes)
     block_size: 512
     convert: {feature_map: hedgehog, feature_dim: 64, window: 64, keep_softmax_layers: []}
-    distill: {tokens: 100k, lr: 0.01}              # stage 1; omit to skip
+    distill: {tokens: 100k, lr: 0.03}              # stage 1; omit to skip
     keep_softmax: auto:3            # after stage 1, the 3 layers with the highest transfer error go back to softmax
     finetune: {tokens: 100k, lora: 8, kd: 0.5}     # stage 2; omit to skip
     eval: {data: [austen, pydocs], context: 512, max_blocks: 16}
@@ -198,7 +198,7 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     if recipe.distill is not None:
         stage_dir = out / "distill"
         if not _done(stage_dir):
-            config = _train_config(recipe.distill, default_lr=1e-2)
+            config = _train_config(recipe.distill, default_lr=3e-2)
             attention_transfer(student, blocks, stage_dir, config, tokenizer=tokenizer,
                                attn_ce=float(recipe.distill.get("attn_ce", 0.0)),
                                resume=(stage_dir / "checkpoint").is_dir())

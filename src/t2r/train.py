@@ -185,20 +185,25 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path | N
     Every process runs this, so all of them raise the same error."""
     checkpoint = find_checkpoint(out)
     finished = (out / SUMMARY).is_file()
+    empty = not (out.exists() and any(out.iterdir()))
+    is_run = finished or checkpoint is not None or (out / METRICS).is_file()
     if resume:
         if finished and checkpoint is None:
             raise TrainError(f"{out} holds a finished run ({SUMMARY}); nothing to resume: choose another --out")
-        if checkpoint is None:
-            log.info("no checkpoint in %s: starting from the beginning", out)
-        return checkpoint, False
-    if not (out.exists() and any(out.iterdir())):
+        if checkpoint is not None:
+            return checkpoint, False
+        if not (empty or is_run):
+            raise TrainError(f"{out} is not a t2r run directory: refusing to use it; choose another --out")
+        log.info("no checkpoint in %s: starting from the beginning", out)
+        return None, not empty  # a run that crashed before its first checkpoint: its metrics go
+    if empty:
         return None, False
     if checkpoint is not None and not overwrite:
         raise TrainError(f"{out} holds an interrupted run: pass --resume to continue it, --overwrite to start "
                          "again, or choose another --out")
     if not overwrite:
         raise TrainError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
-    if not (finished or checkpoint is not None or (out / METRICS).is_file()):
+    if not is_run:
         raise TrainError(f"{out} is not a t2r run directory: refusing to delete it; choose another --out")
     return None, True
 
