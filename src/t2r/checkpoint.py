@@ -1,0 +1,211 @@
+"""The run directory of a training run (`t2r.train`) and its checkpoints: checks, a lock, atomic writes, exact resume.
+
+The run directory OUT:
+    metrics.jsonl           one JSON record per optimizer step ("train") and per evaluation ("eval")
+    checkpoint/             the last checkpoint while the run is unfinished (replaced atomically):
+        trainable.safetensors   the trainable weights by name
+        optimizer.safetensors   AdamW's state tensors, "<index>.<key>"
+        rng-<rank>.safetensors  each process's torch RNG state (uint8)
+        state.json              step, data position, scheduler, optimizer groups, the run's settings
+    config.json, *.safetensors, tokenizer files: the final model (`t2r.save`), once finished
+    train.json              the run summary, once finished (the checkpoint is removed then)
+
+A checkpoint is safetensors + JSON only: the optimizer's state tensors go to safetensors by "<index>.<key>", its
+other state and param groups to state.json, each process's RNG state to its own file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import T2RError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+SUMMARY = "train.json"
+
+
+class TrainError(T2RError):
+    """A training run that cannot start or continue; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """Check OUT for a new or resumed run without touching it: (checkpoint to resume from or None, wipe OUT first).
+    Every process runs this, so all of them raise the same error."""
+    checkpoint = find_checkpoint(out)
+    finished = (out / SUMMARY).is_file()
+    empty = not (out.exists() and any(out.iterdir()))
+    is_run = finished or checkpoint is not None or (out / METRICS).is_file()
+    if resume:
+        if finished and checkpoint is None:
+            raise TrainError(f"{out} holds a finished run ({SUMMARY}); nothing to resume: choose another --out")
+        if checkpoint is not None:
+            return checkpoint, False
+        if not (empty or is_run):
+            raise TrainError(f"{out} is not a t2r run directory: refusing to use it; choose another --out")
+        log.info("no checkpoint in %s: starting from the beginning", out)
+        return None, not empty  # a run that crashed before its first checkpoint: its metrics go
+    if empty:
+        return None, False
+    if checkpoint is not None and not overwrite:
+        raise TrainError(f"{out} holds an interrupted run: pass --resume to continue it, --overwrite to start "
+                         "again, or choose another --out")
+    if not overwrite:
+        raise TrainError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    if not is_run:
+        raise TrainError(f"{out} is not a t2r run directory: refusing to delete it; choose another --out")
+    return None, True
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """OUT/checkpoint, or the previous one if a crash hit the moment of replacing it."""
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records a crashed run wrote after its last checkpoint (the resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class RunLock:
+    """An exclusive lock on OUT (a sibling file `.OUT.lock`, flock: released by the OS even after kill -9), so that
+    two runs never write into one directory."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, out.with_name(f".{out.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = self.path.read_text().strip() or "?"
+            raise TrainError(f"another t2r run is writing to {self.out} (process {holder}): wait for it to end, "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_tensors(state: dict) -> tuple[dict, dict]:
+    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict, rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _set_rng(tensors: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(accelerator, out: Path, named: list[tuple[str, nn.Parameter]], optimizer, scheduler,
+                    state: dict) -> None:
+    """Write OUT/checkpoint atomically: everything into .checkpoint.partial, then swap it into place."""
+    partial, final, old = out / f".{CHECKPOINT}.partial", out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file(_rng_tensors(), str(partial / f"rng-{accelerator.process_index}.safetensors"))
+    opt_tensors, opt_rest = _optimizer_tensors(optimizer.state_dict())
+    if main:
+        save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(partial / "trainable.safetensors"))
+        save_file(opt_tensors, str(partial / "optimizer.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        _write_json(partial / "state.json", {**state, "scheduler": sched, "optimizer": opt_rest,
+                                             "trainable": [n for n, _ in named]})
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path: Path, named: list[tuple[str, nn.Parameter]], optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, schedule and this process's RNG from `path`; returns state.json."""
+    state = json.loads((path / "state.json").read_text())
+    names = [n for n, _ in named]
+    if state["trainable"] != names:
+        raise TrainError(f"{path} was written for other trainable parameters ({len(state['trainable'])} vs "
+                         f"{len(names)}): resume with the same model and settings, or start a new --out")
+    weights = load_file(str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(weights[name])
+    optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    rng = path / f"rng-{accelerator.process_index}.safetensors"
+    _set_rng(load_file(str(rng if rng.is_file() else path / "rng-0.safetensors")))
+    return state
