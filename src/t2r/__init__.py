@@ -8,7 +8,8 @@
 
 from . import adapters, ops  # noqa: F401  (adapters registers the converted model classes)
 from .adapters import RecurrentCache, cache_bytes, supported_model_types
-from .convert import convert
+from .convert import convert, keep_softmax
+from .decode import decode
 from .errors import T2RError
 from .feature_maps import FEATURE_MAPS, build_feature_map
 from .generate import generate, new_cache
@@ -19,6 +20,6 @@ from .verify import verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "FEATURE_MAPS", "RecurrentCache", "Recipe", "T2RError", "build_feature_map", "cache_bytes", "convert",
-    "generate", "load", "new_cache", "ops", "save", "supported_model_types", "verify",
+    "FEATURE_MAPS", "RecurrentCache", "Recipe", "T2RError", "build_feature_map", "cache_bytes", "convert", "decode",
+    "generate", "keep_softmax", "load", "new_cache", "ops", "save", "supported_model_types", "verify",
 ]

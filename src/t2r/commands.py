@@ -6,7 +6,13 @@ from __future__ import annotations
 import logging
 import time
 
+from .bench import bench, render_bench
+from .distill import distill, render_distill
 from .errors import T2RError
+from .evaluate import eval, render_eval  # noqa: A004  (the command is `t2r eval`)
+from .finetune import finetune, render_finetune
+from .lm_eval_bridge import lm_eval, render_lm_eval
+from .pipeline import pipeline, render_pipeline
 from .units import fmt_bytes
 
 log = logging.getLogger("t2r")
@@ -166,13 +172,6 @@ def render(command: str, r: dict) -> str:
                 f"tokens in blocks of {r['block_size']}")
     return str(r)
 
-
-from .evaluate import eval, render_eval  # noqa: E402  (commands defined beside their library code)
-from .lm_eval_bridge import lm_eval, render_lm_eval  # noqa: E402
-from .pipeline import pipeline, render_pipeline  # noqa: E402
-from .distill import distill, render_distill  # noqa: E402
-from .finetune import finetune, render_finetune  # noqa: E402
-from .bench import bench, render_bench  # noqa: E402
 
 RENDERERS = {"eval": render_eval, "lm-eval": render_lm_eval, "pipeline": render_pipeline, "demo": render_pipeline,
              "bench": render_bench, "distill": render_distill, "finetune": render_finetune}
