@@ -28,9 +28,11 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 128, 64, 1, 200, 33]])  # fixed i
 RECIPES = {
     "llama-window-kept": ("llama", dict(feature_map="t2r", feature_dim=8, window=4, keep_softmax_layers=(1,))),
     "gpt2-linear": ("gpt2", dict(feature_map="performer", feature_dim=16)),
+    "mistral-hedgehog": ("mistral", dict(feature_map="hedgehog", feature_dim=8)),
+    "qwen2-taylor-window": ("qwen2", dict(feature_map="taylor", feature_dim=4, window=3)),
 }
-FAMILY_CLASS = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
-
+FAMILY_CLASS = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
+                "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
 
 
 def converted_model(name: str, vocab_size: int):

@@ -256,10 +256,12 @@ def report_markdown(results: dict) -> str:
     for who in ("teacher", "student"):
         g = gen[who]
         lines.append(f"- **{who}**: {g['text']!r}")
-    lines += ["", "| model | decode ms/token | cache after " + str(gen["teacher"]["context"]) + " tokens |",
-              "|---|---|---|"]
+    lines += ["", "| model | decode ms/token | tokens/s | cache after " + str(gen["teacher"]["context"]) + " tokens |",
+              "|---|---|---|---|"]
     for who in ("teacher", "student"):
-        lines.append(f"| {who} | {gen[who]['ms_per_token']} | {fmt_bytes(gen[who]['cache_bytes'])} |")
+        g = gen[who]
+        lines.append(f"| {who} | {g['ms_per_token']} | {1000 / max(g['ms_per_token'], 1e-9):.1f} | "
+                     f"{fmt_bytes(g['cache_bytes'])} |")
     per_token = gen["teacher"]["cache_bytes"] / max(1, gen["teacher"]["context"])
     lines += ["", f"The teacher's KV cache grows by {fmt_bytes(int(per_token))} per token "
               f"({fmt_bytes(int(per_token * 32768))} at 32,768 tokens); the student's linear layers keep a fixed "
