@@ -137,6 +137,15 @@ def test_eval_teacher_row_is_the_original_models_own_perplexity(tiny_converted_d
     assert "original" in render_eval(r) and "converted" in render_eval(r)
 
 
+def test_eval_with_an_explicit_teacher_model(tiny_converted_dir, tiny_model_dir, tmp_path):
+    """After full finetuning the rebuilt original is no longer the teacher: --teacher-model names the source."""
+    text = write_text(tmp_path)
+    rebuilt = run_eval(str(tiny_converted_dir), data=str(text), context=64)
+    explicit = run_eval(str(tiny_converted_dir), data=str(text), context=64, teacher_model=str(tiny_model_dir))
+    assert explicit["teacher_model"] == str(tiny_model_dir)
+    assert explicit["teacher"]["ppl"] == pytest.approx(rebuilt["teacher"]["ppl"], rel=1e-5)  # weights unchanged
+
+
 def test_eval_train_split_no_teacher_and_max_blocks(tiny_converted_dir, tmp_path):
     r = run_eval(str(tiny_converted_dir), data=str(write_text(tmp_path)), split="train", context=256,
                  max_blocks=2, teacher=False)

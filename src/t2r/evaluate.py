@@ -253,7 +253,7 @@ def _check_args(split: str, context: int, max_blocks: int | None, batch_size: in
 
 def eval(model: str, *, data: str = "austen", split: str = "heldout", context: int = 512,
          max_blocks: int | None = None, batch_size: int = 4, text: str | None = None, teacher: bool = True,
-         json: bool = False) -> dict:
+         teacher_model: str | None = None, json: bool = False) -> dict:
     """Perplexity of a converted model beside its original (the teacher) on the same tokens.
 
     Args:
@@ -266,7 +266,9 @@ def eval(model: str, *, data: str = "austen", split: str = "heldout", context: i
         batch_size: windows per forward pass.
         text: a text file, .jsonl (one document per line, field "text") or folder: compute lm-eval's
             loglikelihood_rolling figures (word perplexity, byte perplexity, bits per byte) over it instead.
-        teacher: also evaluate the original softmax model rebuilt from the converted model's weights.
+        teacher: also evaluate the teacher: the original softmax model rebuilt from the converted model's weights.
+        teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
+            model after full finetuning, which changes the weights the rebuilt original would use.
         json: print the result as JSON.
     """
     _check_args(split, context, max_blocks, batch_size)
@@ -295,7 +297,13 @@ def eval(model: str, *, data: str = "austen", split: str = "heldout", context: i
     if student is not None:
         log.info("evaluating the converted model")
         result["student"] = run(student, "student")
-    if teacher or student is None:
+    if teacher_model is not None:
+        from .sources import load_model
+
+        log.info("evaluating the teacher %s", teacher_model)
+        result["teacher"] = run(load_model(teacher_model)[0], "teacher")
+        result["teacher_model"] = teacher_model
+    elif teacher or student is None:
         log.info("evaluating the original model")
         result["teacher"] = run(load_teacher(), "teacher")
     if "student" in result and "teacher" in result:
