@@ -32,7 +32,6 @@ from .units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
-STAGES = ("convert", "distill", "finetune")
 TRAIN_KEYS = {"tokens", "steps", "lr", "batch_size", "grad_accum", "warmup", "min_lr", "weight_decay",
               "max_grad_norm", "eval_every", "eval_blocks", "checkpoint_every", "seed"}
 DEFAULT_PROMPT = "It is a truth universally acknowledged"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -125,8 +123,6 @@ def linear_forward(module, hidden_states: torch.Tensor, position_embeddings, att
                       mode=kwargs.get("t2r_mode"))
     return module.output(o), None
 
-
-AttentionFactory = Callable[[nn.Module, int, Recipe], nn.Module]
 
 
 def drop_dequantized_quantizer(model: nn.Module) -> nn.Module:
