@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+import t2r
 import t2r.cli
 from t2r import commands
 
@@ -210,6 +211,20 @@ def test_convert_unknown_feature_map(capsys, tmp_path, tiny_model_dir):
     code, _, err = run_cli(capsys, "convert", tiny_model_dir, "--out", out, "--feature-map", "bogus")
     assert_usage_error(code, err, "convert", "bogus", "known:", "hedgehog", "t2r", "elu", "performer")
     assert_nothing_written(out)
+
+
+def test_convert_random_init(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "rnn"
+    code, stdout, _ = run_cli(capsys, "convert", tiny_model_dir, "--out", out, *CONVERT_FLAGS, "--init", "random",
+                              "--json")
+    assert code == 0 and json.loads(stdout)["init"] == "random"
+    pretrained = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fresh = t2r.load(out)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(fresh.state_dict()[name], pretrained.state_dict()[name])
+    code, _, err = run_cli(capsys, "convert", tiny_model_dir, "--out", tmp_path / "x", "--init", "scratch")
+    assert_usage_error(code, err, "convert", "--init", "pretrained or random")
+    assert_nothing_written(tmp_path / "x")
 
 
 @pytest.mark.parametrize("dim", ["0", "-3"])

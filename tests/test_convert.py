@@ -127,3 +127,28 @@ def test_keep_softmax_after_conversion(family, tmp_path):
     assert torch.equal(model(ids).logits, reference)
     with pytest.raises(RecipeError, match="out of range"):
         keep_softmax(model, [9])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reinitialize_draws_fresh_weights(family):
+    from t2r.convert import reinitialize
+
+    model = tiny_model(family)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reinitialize(model, seed=3)
+    std = model.config.initializer_range
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            assert not torch.equal(param, before[name]), name
+            assert abs(param.std().item() - std) < 0.5 * std, name
+        elif name.endswith("bias"):
+            assert torch.count_nonzero(param) == 0, name
+        else:
+            assert torch.all(param == 1), name
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    again = reinitialize(tiny_model(family), seed=3)  # seeded: reproducible
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    converted = t2r.convert(model, feature_map="t2r", feature_dim=8)
+    with pytest.raises(t2r.T2RError, match="before converting"):
+        reinitialize(converted)

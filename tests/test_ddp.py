@@ -75,3 +75,20 @@ def test_two_process_ddp_on_cpu(tmp_path):
         evals = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "eval"]
         assert [e["step"] for e in evals] == [0, 2, 3]
+
+
+def test_accelerate_launch_cli_on_cpu(tmp_path, tiny_converted_dir):
+    """The command a user types: `accelerate launch --multi_gpu --num_processes 2 -m t2r finetune ...` runs two CPU
+    processes (accelerate hands them to torchrun); only the first one prints the summary."""
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged, that a single man. " * 200)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "ft"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "t2r", "finetune", str(tiny_converted_dir), "--data", str(tmp_path / "text.txt"),
+                           "--block-size", "32", "--steps", "3", "--eval-every", "0", "--out", str(out), "--json"],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # one JSON document: rank 1 stays quiet
+    assert summary["processes"] == 2 and summary["tokens"] == 3 * 2 * 32
+    assert t2r.load(out).config.t2r["feature_map"]

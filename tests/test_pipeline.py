@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 import t2r
 from t2r.cli import main
@@ -72,6 +74,28 @@ def test_shipped_recipes_parse():
     from t2r.pipeline import shipped_recipes
 
     recipes = shipped_recipes()
-    assert {"t2r-paper", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto", "demo"} <= set(recipes)
+    assert {"t2r-paper", "random-init-baseline", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto",
+            "demo"} <= set(recipes)
     for name in recipes:
         assert PipelineRecipe.from_file(name).name == name
+
+
+def test_pipeline_random_init_baseline(recipe_file, tmp_path, tiny_model_dir, capsys):
+    """`init: random`: the same RNN from random weights; the teacher row still comes from the pretrained model."""
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe.update(init="random", keep_softmax=None, distill=None)
+    recipe["finetune"] = {"steps": 2, "lora": 0, "lr": 1e-3, "eval_every": 0}
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["pipeline", "--config", str(path), "--out", str(tmp_path / "run"), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [row["stage"] for row in results["stages"]] == ["original", "after swap", "after stage 2 (finetuning)"]
+    assert results["recipe"]["init"] == "random"
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    student = t2r.load(tmp_path / "run" / "converted").state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"):
+        assert not torch.equal(student[name], teacher[name]), name
+    recipe["init"] = "scratch"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeFileError, match="init must be one of"):
+        PipelineRecipe.from_file(path)

@@ -7,6 +7,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="t2r: %(message)s",
+    # under torchrun / `accelerate launch` every process runs this; only the first one reports
+    follower = int(os.environ.get("RANK", "0") or 0) > 0
+    logging.basicConfig(level=logging.WARNING if args.quiet or follower else logging.INFO, format="t2r: %(message)s",
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -96,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"t2r {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
-    if kwargs.get("json"):
+    if follower:
+        pass
+    elif kwargs.get("json"):
         print(json.dumps(result, indent=2))
     else:
         print(commands.render(args.command, result))

@@ -29,8 +29,8 @@ def _layers(spec: str) -> tuple[int, ...]:
 
 def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str = "hedgehog",
             feature_dim: int | None = None, window: int = 0, keep_softmax_layers: str = "",
-            tie_qk: bool | None = None, chunk_size: int = 64, seed: int = 0, overwrite: bool = False,
-            json: bool = False) -> dict:
+            tie_qk: bool | None = None, chunk_size: int = 64, seed: int = 0, init: str = "pretrained",
+            overwrite: bool = False, json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
@@ -42,23 +42,28 @@ def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str
         keep_softmax_layers: comma-separated layer indices that keep softmax attention, e.g. 0,15.
         tie_qk: share one feature map between queries and keys (default: the map's own choice).
         chunk_size: chunk length of the chunked form used in training and prefill.
-        seed: seed for the new feature-map weights.
+        seed: seed for the new feature-map weights (and for --init random).
+        init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
         overwrite: replace --out if it already holds a t2r model.
         json: print the result as JSON.
     """
-    from .convert import convert as run_convert, count_linear_layers
+    from .convert import convert as run_convert, count_linear_layers, reinitialize
     from .persistence import save
     from .sources import load_model
 
+    if init not in ("pretrained", "random"):
+        raise T2RError(f"--init is pretrained or random, got {init!r}")
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
+    if init == "random":
+        reinitialize(hf_model, seed=seed)
     log.info("converting %s: %s, feature_dim=%s, window=%d", source.describe(), feature_map, feature_dim, window)
     converted = run_convert(hf_model, feature_map=feature_map, feature_dim=feature_dim, window=window,
                             keep_softmax_layers=_layers(keep_softmax_layers), tie_qk=tie_qk, chunk_size=chunk_size,
                             seed=seed)
     log.info("saving to %s", out)
     save(converted, out, tokenizer, overwrite=overwrite)
-    return {"source": source.describe(), "out": out, "recipe": converted.config.t2r,
+    return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,
             "linear_layers": count_linear_layers(converted),
             "parameters_added": sum(p.numel() for n, p in converted.named_parameters()
                                     if ".feature_map." in n or n.endswith("window_logit")),

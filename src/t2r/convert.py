@@ -49,6 +49,30 @@ def convert(model: nn.Module, feature_map: str = "hedgehog", feature_dim: int | 
     return model
 
 
+def reinitialize(model: nn.Module, seed: int = 0, std: float | None = None) -> nn.Module:
+    """Throw the pretrained weights away (in place; returns `model`): every matrix and embedding is drawn from
+    N(0, std) (default: the config's `initializer_range`, else 0.02), biases become 0 and normalisation scales 1.
+    Call it before `convert` to build the same RNN from random initialisation (the T2R paper's baseline that
+    measures what the pretrained weights are worth); tied weights stay tied."""
+    if is_converted(model):
+        raise T2RError("reinitialize the model before converting it (feature maps keep their own initialisation)")
+    std = std if std is not None else float(getattr(model.config, "initializer_range", None) or 0.02)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        seen: set[int] = set()
+        for name, param in model.named_parameters():  # named_parameters yields a tied tensor once
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.dim() >= 2:
+                param.normal_(0.0, std)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:  # RMSNorm / LayerNorm scales
+                param.fill_(1.0)
+    return model
+
+
 def count_linear_layers(model: nn.Module) -> int:
     return sum(isinstance(m, LinearAttention) for m in model.modules())
 

@@ -6,6 +6,7 @@ A recipe (see src/t2r/recipes/*.yaml, usable by name: `t2r pipeline --config hed
 
     name: hedgehog-window           # run name (OUT defaults to runs/<name>)
     model: null                     # GGUF file, HF directory or hub id (null: the embedded SmolLM2-135M-Instruct)
+    init: pretrained                # or random: the same RNN from random weights (the paper's baseline)
     data: austen                    # training text (anything `t2r data` takes)
     block_size: 512
     convert: {feature_map: hedgehog, feature_dim: 64, window: 64, keep_softmax_layers: []}
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_KEYS = {"tokens", "steps", "lr", "batch_size", "grad_accum", "warmup", "min_lr", "weight_decay",
               "max_grad_norm", "eval_every", "eval_blocks", "checkpoint_every", "seed"}
+INITS = ("pretrained", "random")
 DEFAULT_PROMPT = "It is a truth universally acknowledged"
 
 
@@ -45,6 +47,7 @@ class RecipeFileError(T2RError):
 class PipelineRecipe:
     name: str
     model: str | None = None
+    init: str = "pretrained"
     data: str = "austen"
     block_size: int = 512
     convert: dict = field(default_factory=dict)
@@ -76,6 +79,8 @@ class PipelineRecipe:
         if unknown:
             raise RecipeFileError(f"unknown recipe entries {unknown} in {str(path)!r}; known: {sorted(known)}")
         recipe = cls(**raw)
+        if recipe.init not in INITS:
+            raise RecipeFileError(f"init must be one of {', '.join(INITS)}, got {recipe.init!r} in {str(path)!r}")
         for stage in ("distill", "finetune"):
             extra = set(getattr(recipe, stage) or {}) - TRAIN_KEYS - {"lora", "lora_modules", "kd", "attn_ce"}
             if extra:
@@ -166,7 +171,7 @@ def _speed(model, tokenizer, recipe: PipelineRecipe) -> dict:
 def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     """Run every stage of `recipe` into `out`; returns the results (also written to OUT/pipeline.json + report.md)."""
     from .adapters import adapter_for
-    from .convert import convert, keep_softmax
+    from .convert import convert, keep_softmax, reinitialize
     from .data import prepare_data
     from .distill import attention_transfer, layer_errors
     from .finetune import finetune_model
@@ -189,7 +194,10 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     if (converted_dir / "config.json").is_file():
         student = load(converted_dir)
     else:
-        student = convert(copy.deepcopy(teacher), **recipe.convert)
+        base = copy.deepcopy(teacher)
+        if recipe.init == "random":
+            reinitialize(base, seed=int(recipe.convert.get("seed", 0)))
+        student = convert(base, **recipe.convert)
         save(student, converted_dir, tokenizer)
     record("after swap", student, dir=str(converted_dir))
     final_dir = converted_dir
@@ -225,7 +233,7 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
             config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
             finetune_model(student, blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
                            lora_modules=settings.get("lora_modules", ""), kd=float(settings.get("kd", 0.0)),
-                           resume=(stage_dir / "checkpoint").is_dir())
+                           teacher=teacher, resume=(stage_dir / "checkpoint").is_dir())
         student, final_dir = load(stage_dir), stage_dir
         record("after stage 2 (finetuning)", student, dir=str(stage_dir))
 
@@ -272,7 +280,7 @@ def pipeline(*, config: str, out: str | None = None, json: bool = False) -> dict
     """Run a recipe end to end: convert, attention transfer, softmax layers, finetune, evaluate, export, report.
 
     Args:
-        config: YAML recipe file, or the name of a shipped one: t2r-paper, t2r-transfer, hedgehog-transfer, hybrid-window-auto, demo.
+        config: YAML recipe file, or the name of a shipped one: t2r-paper, random-init-baseline, t2r-transfer, hedgehog-transfer, hybrid-window-auto, demo.
         out: run directory (default: runs/<recipe name>); rerunning skips finished stages and resumes the rest.
         json: print the results as JSON.
     """

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Issue 3: every shipped recipe at one budget (200k training tokens of the broad mix, 512-token blocks), the original
+# model finetuned on the tokens the transfer recipes see (the reference), and the pretrained-vs-random curves.
+# Every run visits the train blocks in the same seeded order, so a transfer recipe's stage 2 (80k) sees the first 80k
+# of its stage-1 tokens (120k): the reference finetunes the original on those same 120k tokens. On the 2-core VM the
+# runs went two at a time, one thread each (about 2 h 20 min of machine time in all); see docs/RESULTS.md.
+#   benchmarks/budget.sh            # all of it, one after another
+set -euo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+for recipe in hybrid-window-auto t2r-paper random-init-baseline hedgehog-transfer t2r-transfer; do
+  t2r pipeline --config "$recipe" --out "runs/b200k-$recipe"
+done
+# reference: the original model, LoRA 8 on the same 120k tokens (LM loss), same held-out blocks
+t2r finetune smollm2 --data mix --tokens 120k --lora 8 --eval-every 0 --out runs/b200k-teacher-ft
+for set in austen pydocs; do
+  t2r eval runs/b200k-teacher-ft --data "$set" --max-blocks 24 --batch-size 2 --json > "runs/b200k-teacher-ft/eval-$set.json"
+done
+python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
+  --json docs/pretrained_vs_random.json --plot docs/pretrained_vs_random.png
