@@ -17,3 +17,4 @@ for set in austen pydocs; do
 done
 python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
   --json docs/pretrained_vs_random.json --plot docs/pretrained_vs_random.png
+python benchmarks/budget_report.py runs --json docs/budget_runs.json

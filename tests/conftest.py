@@ -15,6 +15,15 @@ import transformers
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 
 
+@pytest.fixture(autouse=True)
+def _private_eval_cache(tmp_path_factory, monkeypatch):
+    """Remembered evaluations (t2r.evaluate.cached_perplexity) go to a folder of the test session, not ~/.cache."""
+    import t2r.evaluate
+
+    folder = tmp_path_factory.mktemp("evals", numbered=True)
+    monkeypatch.setattr(t2r.evaluate, "eval_cache_dir", lambda: folder)
+
+
 def tiny_config(family: str, vocab_size: int = 300, **overrides):
     common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "gpt2":

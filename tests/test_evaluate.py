@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from conftest import tiny_model
+import t2r
 from t2r import cli
 from t2r.data import DataError, prepare_data
 from t2r.errors import T2RError
@@ -197,3 +198,37 @@ def test_eval_function_is_a_cli_command():
     args = parser.parse_args(["eval", "runs/x", "--context", "64", "--no-teacher", "--max-blocks", "3"])
     assert (args.model, args.context, args.teacher, args.max_blocks, args.split) == ("runs/x", 64, False, 3, "heldout")
     assert "loglikelihood_rolling" in parser._subparsers._group_actions[0].choices["eval"].format_help()
+
+
+def test_cached_perplexity_remembers_and_notices_changes(blocks, tmp_path, monkeypatch):
+    import t2r.evaluate as ev
+
+    model = tiny_model("llama", vocab_size=259)  # its own: the weights change below
+    calls = []
+    real = ev.perplexity
+    monkeypatch.setattr(ev, "perplexity", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    first = ev.cached_perplexity(model, blocks, context=8, batch_size=2, cache_dir=tmp_path)
+    again = ev.cached_perplexity(model, blocks, context=8, batch_size=2, cache_dir=tmp_path)
+    assert first == again and len(calls) == 1
+    assert first["ppl"] == pytest.approx(real(model, blocks, context=8, batch_size=2)["ppl"], rel=1e-12)
+    ev.cached_perplexity(model, blocks, context=4, batch_size=2, cache_dir=tmp_path)  # other settings
+    ev.cached_perplexity(model, blocks[:1], context=8, batch_size=2, cache_dir=tmp_path)  # other tokens
+    assert len(calls) == 3
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)  # other weights
+    ev.cached_perplexity(model, blocks, context=8, batch_size=2, cache_dir=tmp_path)
+    assert len(calls) == 4
+    for entry in tmp_path.glob("*.json"):  # a damaged entry is recomputed, not trusted
+        entry.write_text("{not json")
+    assert ev.cached_perplexity(model, blocks, context=8, batch_size=2, cache_dir=tmp_path)["ppl"] > 0
+    assert len(calls) == 5
+
+
+def test_model_fingerprint_covers_the_recipe():
+    from t2r.evaluate import model_fingerprint
+
+    a = t2r.convert(tiny_model("llama"), feature_map="hedgehog", feature_dim=8, window=0)
+    b = t2r.convert(tiny_model("llama"), feature_map="hedgehog", feature_dim=8, window=4)
+    assert model_fingerprint(a) == model_fingerprint(t2r.convert(tiny_model("llama"), feature_map="hedgehog",
+                                                                 feature_dim=8, window=0))
+    assert model_fingerprint(a) != model_fingerprint(b)  # same weights, different forward

@@ -17,8 +17,11 @@ Two ways to count, both with the model's full forward (chunked form for a conver
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -86,6 +89,46 @@ def perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch
                 windows += batch.shape[0]
                 bar.update(batch.shape[0])
     return _summary(total_nll, tokens, byte_count, windows=windows, context=context)
+
+
+def eval_cache_dir() -> Path:
+    """Where evaluation results are kept: $T2R_CACHE/evals, else ~/.cache/t2r/evals."""
+    root = os.environ.get("T2R_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "t2r") / "evals"
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of everything a forward pass depends on: every tensor of the state dict (names, dtypes, shapes, bytes)
+    and the t2r recipe (window, kept layers, ... are not weights)."""
+    h = hashlib.sha256(json.dumps(getattr(model.config, "t2r", None), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch_size: int = 4,
+                      max_blocks: int | None = None, progress: str | None = None,
+                      cache_dir: str | Path | None = None) -> dict:
+    """:func:`perplexity`, remembered on disk: the same weights, recipe, tokens and settings are evaluated once
+    (pipelines that share a stage, e.g. every recipe's original-model row, or a rerun). Keyed by
+    :func:`model_fingerprint` and the bytes of the evaluated blocks; the result is a small JSON file."""
+    blocks = _check_blocks(blocks, context, batch_size, max_blocks)
+    key = hashlib.sha256(f"{model_fingerprint(model)}|{context}|{batch_size}|{tuple(blocks.shape)}".encode())
+    key.update(blocks.to(torch.int64).contiguous().numpy().tobytes())
+    path = Path(cache_dir or eval_cache_dir()) / f"{key.hexdigest()}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged entry is recomputed
+    result = perplexity(model, blocks, context=context, batch_size=batch_size, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)  # atomic: a concurrent reader sees the whole file or none
+    return result
 
 
 def _summary(total_nll: float, tokens: int, byte_count: int | None, **extra) -> dict:

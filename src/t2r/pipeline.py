@@ -1,6 +1,8 @@
 """`t2r pipeline`: convert -> attention transfer -> (automatic softmax layers) -> finetune -> evaluate -> export,
 from one YAML recipe, with a markdown report. Each finished stage leaves its model in OUT/<stage>/; running the
-same recipe again skips finished stages and resumes an interrupted one from its checkpoint.
+same recipe again skips finished stages and resumes an interrupted one from its checkpoint. Held-out evaluations are
+remembered on disk (`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model
+(every recipe's original-model row) or a rerun evaluate it once.
 
 A recipe (see src/t2r/recipes/*.yaml, usable by name: `t2r pipeline --config hedgehog-transfer`):
 
@@ -129,16 +131,16 @@ def _train_config(settings: dict, default_lr: float):
 
 def _evaluate(model, tokenizer, recipe: PipelineRecipe) -> dict:
     from .data import prepare_data
-    from .evaluate import perplexity
+    from .evaluate import cached_perplexity
 
     cfg = recipe.eval
     sets = cfg.get("data", ["austen"])
     results = {}
     for source in [sets] if isinstance(sets, str) else sets:
         heldout = prepare_data(source, tokenizer, block_size=recipe.block_size).heldout
-        r = perplexity(model, heldout, context=cfg.get("context", recipe.block_size),
-                       max_blocks=cfg.get("max_blocks"), batch_size=cfg.get("batch_size", 2),
-                       progress=f"eval {source}")
+        r = cached_perplexity(model, heldout, context=cfg.get("context", recipe.block_size),
+                              max_blocks=cfg.get("max_blocks"), batch_size=cfg.get("batch_size", 2),
+                              progress=f"eval {source}")
         results[source] = round(r["ppl"], 3)
     return results
 
