@@ -55,8 +55,12 @@ def main() -> None:
               "final": {name: {"tokens": t, "ppl": round(p, 2)} for name, (t, p) in final.items()},
               "tokens_to_reach": reach}
 
-    print(f"after {final['pretrained'][0]:,} tokens: pretrained {final['pretrained'][1]:.2f}, "
-          f"random {final['random'][1]:.2f} held-out perplexity")
+    for name, (tokens, ppl) in final.items():
+        print(f"from {name} weights: held-out perplexity {ppl:.2f} after {tokens:,} tokens")
+    shared = min(final["pretrained"][0], final["random"][0])
+    at = {name: next((p for t, p in reversed(points) if t <= shared), None) for name, points in runs.items()}
+    result["at_equal_tokens"] = {"tokens": shared, **{k: v and round(v, 2) for k, v in at.items()}}
+    print(f"at {shared:,} tokens: pretrained {at['pretrained']:.2f}, random {at['random']:.2f}")
     print("| held-out perplexity | tokens from pretrained | tokens from random |")
     print("|---:|---:|---:|")
     for row in reach:
