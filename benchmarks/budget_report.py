@@ -73,7 +73,7 @@ def main() -> None:
               f"{final['pydocs'] / original['pydocs']:.3f} | {vs_ref_py} | {cache:.1f} MiB after "
               f"{r['generation']['student']['context']} tokens |")
     if reference:
-        print(f"\nreference, the original finetuned (LoRA 8) on the same tokens: "
+        print("\nreference, the original finetuned (LoRA 8) on the same tokens: "
               + ", ".join(f"{k} {v:.2f}" for k, v in reference.items()))
     if missing:
         print(f"\nnot run (no pipeline.json): {', '.join(missing)}")
