@@ -3,7 +3,7 @@
 # model finetuned on the tokens the transfer recipes see (the reference), and the pretrained-vs-random curves.
 # Every run visits the train blocks in the same seeded order, so a transfer recipe's stage 2 (80k) sees the first 80k
 # of its stage-1 tokens (120k): the reference finetunes the original on those same 120k tokens. On the 2-core VM the
-# runs went two at a time, one thread each (about 2 h 20 min of machine time in all); see docs/RESULTS.md.
+# runs went two at a time, one thread each (2 h 29 min of wall time in all); see docs/RESULTS.md.
 #   benchmarks/budget.sh            # all of it, one after another
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1

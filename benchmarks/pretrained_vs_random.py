@@ -6,7 +6,7 @@ budget, one from the pretrained weights and one from random weights, and reports
   - for a few perplexity levels, the tokens each run needed to first reach it ("never" within the budget),
 and draws both curves (held-out perplexity against training tokens, log scale).
 
-    python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init/finetune \
+    python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
         --json docs/pretrained_vs_random.json --plot docs/pretrained_vs_random.png
 """
 

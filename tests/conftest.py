@@ -20,7 +20,7 @@ def _private_eval_cache(tmp_path_factory, monkeypatch):
     """Remembered evaluations (t2r.evaluate.cached_perplexity) go to a folder of the test session, not ~/.cache."""
     import t2r.evaluate
 
-    folder = tmp_path_factory.mktemp("evals", numbered=True)
+    folder = tmp_path_factory.getbasetemp() / "evals"  # shared: entries are keyed by weights and tokens
     monkeypatch.setattr(t2r.evaluate, "eval_cache_dir", lambda: folder)
 
 

@@ -99,12 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"t2r {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
-    if follower:
-        pass
-    elif kwargs.get("json"):
-        print(json.dumps(result, indent=2))
-    else:
-        print(commands.render(args.command, result))
+    if not follower:
+        print(json.dumps(result, indent=2) if kwargs.get("json") else commands.render(args.command, result))
     return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
 
 

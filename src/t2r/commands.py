@@ -13,6 +13,7 @@ from .evaluate import eval, render_eval  # noqa: A004  (the command is `t2r eval
 from .finetune import finetune, render_finetune
 from .lm_eval_bridge import lm_eval, render_lm_eval
 from .pipeline import pipeline, render_pipeline
+from .recipe import INITS
 from .units import fmt_bytes
 
 log = logging.getLogger("t2r")
@@ -51,8 +52,8 @@ def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str
     from .persistence import save
     from .sources import load_model
 
-    if init not in ("pretrained", "random"):
-        raise T2RError(f"--init is pretrained or random, got {init!r}")
+    if init not in INITS:
+        raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
     if init == "random":

@@ -59,11 +59,7 @@ def reinitialize(model: nn.Module, seed: int = 0, std: float | None = None) -> n
     std = std if std is not None else float(getattr(model.config, "initializer_range", None) or 0.02)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        seen: set[int] = set()
-        for name, param in model.named_parameters():  # named_parameters yields a tied tensor once
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
+        for name, param in model.named_parameters():  # yields a tied tensor once
             if param.dim() >= 2:
                 param.normal_(0.0, std)
             elif name.endswith("bias"):

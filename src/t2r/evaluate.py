@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -92,9 +91,10 @@ def perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch
 
 
 def eval_cache_dir() -> Path:
-    """Where evaluation results are kept: $T2R_CACHE/evals, else ~/.cache/t2r/evals."""
-    root = os.environ.get("T2R_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "t2r") / "evals"
+    """Where evaluation results are kept: the `evals` folder of t2r's cache ($T2R_CACHE, else ~/.cache/t2r/corpora)."""
+    from .corpora import _cache_root
+
+    return _cache_root(None) / "evals"
 
 
 def model_fingerprint(model) -> str:
@@ -104,19 +104,23 @@ def model_fingerprint(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(flat.view(torch.uint8).numpy().tobytes())
+        h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
 def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch_size: int = 4,
                       max_blocks: int | None = None, progress: str | None = None,
-                      cache_dir: str | Path | None = None) -> dict:
+                      cache_dir: str | Path | None = None, fingerprint: str | None = None) -> dict:
     """:func:`perplexity`, remembered on disk: the same weights, recipe, tokens and settings are evaluated once
     (pipelines that share a stage, e.g. every recipe's original-model row, or a rerun). Keyed by
-    :func:`model_fingerprint` and the bytes of the evaluated blocks; the result is a small JSON file."""
+    :func:`model_fingerprint` (pass `fingerprint` to reuse one computed for several evaluations of the same model)
+    and the bytes of the evaluated blocks; the result is a small JSON file."""
+    from .data import _atomic_write
+
     blocks = _check_blocks(blocks, context, batch_size, max_blocks)
-    key = hashlib.sha256(f"{model_fingerprint(model)}|{context}|{batch_size}|{tuple(blocks.shape)}".encode())
-    key.update(blocks.to(torch.int64).contiguous().numpy().tobytes())
+    fingerprint = fingerprint or model_fingerprint(model)
+    key = hashlib.sha256(f"{fingerprint}|{context}|{batch_size}|{tuple(blocks.shape)}".encode())
+    key.update(blocks.to(torch.int64).contiguous().numpy())
     path = Path(cache_dir or eval_cache_dir()) / f"{key.hexdigest()}.json"
     if path.is_file():
         try:
@@ -125,9 +129,7 @@ def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None
             pass  # a damaged entry is recomputed
     result = perplexity(model, blocks, context=context, batch_size=batch_size, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)  # atomic: a concurrent reader sees the whole file or none
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result)))  # readers see all of it or nothing
     return result
 
 

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from .errors import T2RError
+from .recipe import INITS
 from .units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
 TRAIN_KEYS = {"tokens", "steps", "lr", "batch_size", "grad_accum", "warmup", "min_lr", "weight_decay",
               "max_grad_norm", "eval_every", "eval_blocks", "checkpoint_every", "seed"}
-INITS = ("pretrained", "random")
 DEFAULT_PROMPT = "It is a truth universally acknowledged"
 
 
@@ -131,16 +131,17 @@ def _train_config(settings: dict, default_lr: float):
 
 def _evaluate(model, tokenizer, recipe: PipelineRecipe) -> dict:
     from .data import prepare_data
-    from .evaluate import cached_perplexity
+    from .evaluate import cached_perplexity, model_fingerprint
 
     cfg = recipe.eval
     sets = cfg.get("data", ["austen"])
     results = {}
+    fingerprint = model_fingerprint(model)  # once for every held-out set
     for source in [sets] if isinstance(sets, str) else sets:
         heldout = prepare_data(source, tokenizer, block_size=recipe.block_size).heldout
         r = cached_perplexity(model, heldout, context=cfg.get("context", recipe.block_size),
                               max_blocks=cfg.get("max_blocks"), batch_size=cfg.get("batch_size", 2),
-                              progress=f"eval {source}")
+                              progress=f"eval {source}", fingerprint=fingerprint)
         results[source] = round(r["ppl"], 3)
     return results
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import RecipeError
 
 RECIPE_VERSION = 1
+INITS = ("pretrained", "random")  # where the weights of a model to convert come from (`t2r.convert.reinitialize`)
 
 
 @dataclass(frozen=True)
