@@ -15,6 +15,8 @@ t2r finetune smollm2 --data mix --tokens 120k --lora 8 --eval-every 0 --out runs
 for set in austen pydocs; do
   t2r eval runs/b200k-teacher-ft --data "$set" --max-blocks 24 --batch-size 2 --json > "runs/b200k-teacher-ft/eval-$set.json"
 done
+# the target attempt: the hybrid at 650k tokens, alone on the machine (both cores)
+OMP_NUM_THREADS=2 t2r pipeline --config benchmarks/hybrid-650k.yaml --out runs/hybrid-650k
 python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
   --json docs/pretrained_vs_random.json --plot docs/pretrained_vs_random.png
 python benchmarks/budget_report.py runs --json docs/budget_runs.json

@@ -3,7 +3,8 @@
 Reads the held-out curves (`metrics.jsonl`, "eval" rows) of two finetuning runs of the same RNN on the same data and
 budget, one from the pretrained weights and one from random weights, and reports:
   - the perplexity of each after the same number of tokens,
-  - for a few perplexity levels, the tokens each run needed to first reach it ("never" within the budget),
+  - for a few perplexity levels (each run's final, the pretrained run's untrained start, a ladder between), the
+    tokens each run needed to first reach it ("not reached" within the budget),
 and draws both curves (held-out perplexity against training tokens, log scale).
 
     python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
@@ -45,10 +46,11 @@ def main() -> None:
 
     runs = {"pretrained": curve(args.pretrained), "random": curve(args.random)}
     final = {name: points[-1] for name, points in runs.items()}
-    # levels: each run's final perplexity, and a geometric ladder between the two
+    # levels: each run's final perplexity, the pretrained run's start (right after the swap, no training) and a
+    # geometric ladder between the two finals and random's start
     lo, hi = final["pretrained"][1], max(final["random"][1], runs["random"][0][1])
     ladder = [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in (0.25, 0.5, 0.75)]
-    levels = sorted({final["random"][1], lo, *ladder}, reverse=True)
+    levels = sorted({final["random"][1], lo, runs["pretrained"][0][1], *ladder}, reverse=True)
     reach = [{"ppl": round(level, 2), **{name: tokens_to_reach(points, level) for name, points in runs.items()}}
              for level in levels]
     result = {"curves": {name: [{"tokens": t, "ppl": round(p, 2)} for t, p in points] for name, points in runs.items()},
