@@ -17,6 +17,11 @@ for set in austen pydocs; do
 done
 # the target attempt: the hybrid at 650k tokens, alone on the machine (both cores)
 OMP_NUM_THREADS=2 t2r pipeline --config benchmarks/hybrid-650k.yaml --out runs/hybrid-650k
+# and the original finetuned on the 150k tokens its stage 2 saw (the matched 500k reference did not fit the session)
+OMP_NUM_THREADS=2 t2r finetune smollm2 --data mix --tokens 150k --lora 8 --eval-every 0 --out runs/teacher-ft-150k
+for set in austen pydocs; do
+  t2r eval runs/teacher-ft-150k --data "$set" --max-blocks 24 --batch-size 2 --json > "runs/teacher-ft-150k/eval-$set.json"
+done
 python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
   --json docs/pretrained_vs_random.json --plot docs/pretrained_vs_random.png
 python benchmarks/budget_report.py runs --json docs/budget_runs.json
