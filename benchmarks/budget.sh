@@ -3,7 +3,8 @@
 # model finetuned on the tokens the transfer recipes see (the reference), and the pretrained-vs-random curves.
 # Every run visits the train blocks in the same seeded order, so a transfer recipe's stage 2 (80k) sees the first 80k
 # of its stage-1 tokens (120k): the reference finetunes the original on those same 120k tokens. On the 2-core VM the
-# runs went two at a time, one thread each (2 h 29 min of wall time in all); see docs/RESULTS.md.
+# 200k runs went two at a time, one thread each (2 h 29 min of wall time in all); the 200k random-init run, the 650k
+# hybrid and its 150k reference went later, one at a time on both cores (OMP_NUM_THREADS=2); see docs/RESULTS.md.
 #   benchmarks/budget.sh            # all of it, one after another
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
