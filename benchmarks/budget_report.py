@@ -2,11 +2,12 @@
 
     python benchmarks/budget_report.py runs --json docs/budget_runs.json
 
-Reads RUNS/b200k-<recipe>/pipeline.json and RUNS/hybrid-650k/pipeline.json (the target attempt, 650k tokens),
-each stage's train.json for wall time and tokens, and the reference RUNS/b200k-teacher-ft/eval-<set>.json; prints one
-table per run (perplexity after every stage) and a summary (final perplexity against the original and against the
-finetuned original). Missing runs are listed, not guessed. The reference saw 120k distinct tokens, hybrid-650k 500k:
-its ratio to the reference is a lower bound on its ratio to the original finetuned on its own 500k tokens.
+Reads RUNS/b200k-<recipe>/pipeline.json, RUNS/hybrid-650k/pipeline.json and RUNS/hybrid-800k/pipeline.json (the
+target attempts), each stage's train.json for wall time and tokens (hybrid-800k's include its finetuned teacher), and
+the references, the original finetuned with LoRA 8 on the first 120k / 150k / 500k tokens of the same seeded order
+(RUNS/<reference>/eval-<set>.json); prints one table per run (perplexity after every stage) and a summary: final
+perplexity against the original and against the finetuned original that saw the same distinct tokens (120k for the
+200k recipes, 500k for the hybrids; the 150k reference is reported beside it). Missing runs are listed, not guessed.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import json
 from pathlib import Path
 
 RECIPES = ["t2r-paper", "random-init-baseline", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto"]
-RUN_DIRS = {**{recipe: f"b200k-{recipe}" for recipe in RECIPES}, "hybrid-650k": "hybrid-650k"}
+RUN_DIRS = {**{recipe: f"b200k-{recipe}" for recipe in RECIPES}, "hybrid-650k": "hybrid-650k",
+            "hybrid-800k": "hybrid-800k"}
 SETS = ["austen", "pydocs"]
+REFERENCES = {"120k": "b200k-teacher-ft", "150k": "teacher-ft-150k", "500k": "teacher-ft-500k"}
+MATCHED = {**{recipe: "120k" for recipe in RECIPES}, "hybrid-650k": "500k", "hybrid-800k": "500k"}
 
 
 def stage_cost(run: Path) -> tuple[int, float]:
     """(training tokens, training seconds) summed over the run's stages."""
     tokens = seconds = 0
-    for stage in ("distill", "finetune"):
+    for stage in ("distill", "teacher-finetune", "finetune"):
         path = run / stage / "train.json"
         if path.is_file():
             info = json.loads(path.read_text())
@@ -39,14 +43,15 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.runs)
 
-    reference = {}
-    for name in SETS:
-        path = root / "b200k-teacher-ft" / f"eval-{name}.json"
-        try:
-            reference[name] = json.loads(path.read_text())["teacher"]["ppl"]
-        except (OSError, ValueError, KeyError):
-            print(f"(no reference for {name}: {path} missing or unfinished)")
-    collected = {"reference_finetuned_original": reference, "recipes": {}}
+    references = {}
+    for size, run_dir in REFERENCES.items():
+        for name in SETS:
+            path = root / run_dir / f"eval-{name}.json"
+            try:
+                references.setdefault(size, {})[name] = json.loads(path.read_text())["teacher"]["ppl"]
+            except (OSError, ValueError, KeyError):
+                print(f"(no {size} reference for {name}: {path} missing or unfinished)")
+    collected = {"references_finetuned_original": references, "recipes": {}}
     missing = []
     for recipe, run_dir in RUN_DIRS.items():
         path = root / run_dir / "pipeline.json"
@@ -69,15 +74,17 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for recipe, r in collected["recipes"].items():
         final, original = r["stages"][-1]["ppl"], r["stages"][0]["ppl"]
-        vs_ref = f"{final['austen'] / reference['austen']:.3f}" if "austen" in reference else "-"
-        vs_ref_py = f"{final['pydocs'] / reference['pydocs']:.3f}" if "pydocs" in reference else "-"
+        size = MATCHED[recipe] if MATCHED[recipe] in references else None
+        reference = references.get(size, {})
+        r["matched_reference"] = size
+        vs_ref = f"{final['austen'] / reference['austen']:.3f} ({size})" if "austen" in reference else "-"
+        vs_ref_py = f"{final['pydocs'] / reference['pydocs']:.3f} ({size})" if "pydocs" in reference else "-"
         cache = r["generation"]["student"]["cache_bytes"] / 2**20
         print(f"| {recipe} | {r['train_tokens']:,} | {final['austen']:.2f} | {vs_ref} | {final['pydocs']:.2f} | "
               f"{final['pydocs'] / original['pydocs']:.3f} | {vs_ref_py} | {cache:.1f} MiB after "
               f"{r['generation']['student']['context']} tokens |")
-    if reference:
-        print("\nreference, the original finetuned (LoRA 8) on the 120k distinct tokens of the 200k recipes (hybrid-650k "
-              "saw 500k: its ratio to the reference is a lower bound): "
+    for size, reference in references.items():
+        print(f"\nreference: the original finetuned (LoRA 8, LM loss) on the first {size} tokens: "
               + ", ".join(f"{k} {v:.2f}" for k, v in reference.items()))
     if missing:
         print(f"\nnot run (no pipeline.json): {', '.join(missing)}")

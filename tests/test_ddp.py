@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 
 import t2r
 
@@ -77,13 +78,15 @@ def test_two_process_ddp_on_cpu(tmp_path):
         assert [e["step"] for e in evals] == [0, 2, 3]
 
 
-def test_accelerate_launch_cli_on_cpu(tmp_path, tiny_converted_dir):
+@pytest.mark.parametrize("mode", [["--multi_gpu"], ["--use_fsdp", "--fsdp_version", "2"]], ids=["ddp", "fsdp-config"])
+def test_accelerate_launch_cli_on_cpu(tmp_path, tiny_converted_dir, mode):
     """The command a user types: `accelerate launch --multi_gpu --num_processes 2 -m t2r finetune ...` runs two CPU
-    processes (accelerate hands them to torchrun); only the first one prints the summary."""
+    processes (accelerate hands them to torchrun); only the first one prints the summary. An FSDP configuration on a
+    machine without GPUs runs as the same DDP (accelerate's choice), and t2r says so."""
     (tmp_path / "text.txt").write_text("It is a truth universally acknowledged, that a single man. " * 200)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "ft"
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "t2r", "finetune", str(tiny_converted_dir), "--data", str(tmp_path / "text.txt"),
                            "--block-size", "32", "--steps", "3", "--eval-every", "0", "--out", str(out), "--json"],
@@ -92,3 +95,4 @@ def test_accelerate_launch_cli_on_cpu(tmp_path, tiny_converted_dir):
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # one JSON document: rank 1 stays quiet
     assert summary["processes"] == 2 and summary["tokens"] == 3 * 2 * 32
     assert t2r.load(out).config.t2r["feature_map"]
+    assert ("plain DDP" in proc.stderr) == ("--use_fsdp" in mode)

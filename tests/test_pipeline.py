@@ -99,3 +99,39 @@ def test_pipeline_random_init_baseline(recipe_file, tmp_path, tiny_model_dir, ca
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeFileError, match="init must be one of"):
         PipelineRecipe.from_file(path)
+
+
+def test_pipeline_teacher_finetune_is_the_reference_and_the_kd_teacher(recipe_file, tmp_path, capsys, monkeypatch):
+    """`teacher_finetune`: the original is finetuned on the same data into OUT/teacher-finetune, reported beside the
+    stages as the reference, and stage 2's KD distils from it (not from the unfinetuned original)."""
+    import t2r.finetune
+
+    calls = []
+    real = t2r.finetune.finetune_model
+
+    def spy(model, *args, **kwargs):
+        calls.append(kwargs.get("teacher"))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(t2r.finetune, "finetune_model", spy)
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe.update(keep_softmax=None, distill=None, teacher_finetune={"steps": 2, "lora": 2, "lr": 1e-2,
+                                                                     "eval_every": 0})
+    path = tmp_path / "reference.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(path), "--out", str(out), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert (out / "teacher-finetune" / "train.json").is_file()
+    ref, original = results["reference"]["ppl"], results["stages"][0]["ppl"]
+    assert ref.keys() == original.keys() and ref != original  # the finetuned original, evaluated on the same sets
+    assert [row["stage"] for row in results["stages"]][-1] == "after stage 2 (finetuning)"
+    assert "original finetuned (reference)" in (out / "report.md").read_text()
+    assert len(calls) == 2 and calls[0] is None  # the reference's own run has no KD teacher
+    saved = AutoModelForCausalLM.from_pretrained(out / "teacher-finetune").state_dict()
+    kd_teacher = calls[1].state_dict()
+    assert all(torch.equal(kd_teacher[k], saved[k]) for k in saved)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("teacher_finetune:", "teacher_finetune:\n  kd: 1\n", 1))
+    with pytest.raises(RecipeFileError, match="unknown teacher_finetune settings"):
+        PipelineRecipe.from_file(bad)

@@ -21,8 +21,8 @@ from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
 from t2r.finetune import finetune_model
-from t2r.train import (METRICS, BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError, lr_factor,
-                       parse_tokens)
+from t2r.train import (METRICS, BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError,
+                       check_distributed, lr_factor, parse_tokens)
 
 STEPS = 6
 
@@ -85,6 +85,20 @@ def test_config_rejects_bad_values():
                 dict(steps=None, tokens=None), dict(warmup=-1)):
         with pytest.raises(TrainError):
             config(**bad)
+
+
+def test_sharded_modes_are_refused_with_a_way_out():
+    """FSDP / DeepSpeed would checkpoint one process's shards: they stop at once and name DDP instead."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(TrainError, match="--multi_gpu") as info:
+            check_distributed(SimpleNamespace(distributed_type=kind))
+        assert isinstance(info.value, T2RError)
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_distributed(SimpleNamespace(distributed_type=kind))
 
 
 def test_token_budget_rounds_up_to_whole_steps():

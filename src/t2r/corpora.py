@@ -275,7 +275,8 @@ def _unknown_source(source: str) -> DataError:
     )
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """t2r's cache folder: `cache_dir` if given, else $T2R_CACHE, else ~/.cache/t2r/corpora."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get("T2R_CACHE"):
@@ -291,7 +292,7 @@ def load_documents(
     if spec.startswith("hf:"):
         documents = _load_hf(spec, text_field)
     elif spec in BUILTIN_CORPORA:
-        documents = BUILTIN_CORPORA[spec](_cache_root(cache_dir))
+        documents = BUILTIN_CORPORA[spec](cache_root(cache_dir))
     elif spec and Path(spec).expanduser().is_dir():
         documents = _read_directory(Path(spec).expanduser())
     elif spec and Path(spec).expanduser().is_file():

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import sources
-from .corpora import BUILTIN_CORPORA, BUILTIN_VERSION, _cache_root, _text_files, load_documents
+from .corpora import BUILTIN_CORPORA, BUILTIN_VERSION, cache_root, _text_files, load_documents
 from .errors import DataError
 from .sources import DEFAULT_GGUF  # noqa: F401  (re-exported: the tests name data.DEFAULT_GGUF)
 
@@ -133,7 +133,8 @@ def _split(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]
 # ----------------------------------------------------------------------------- identity and cache
 
 
-def _tokenizer_identity(tokenizer) -> dict:
+def tokenizer_identity(tokenizer) -> dict:
+    """What identifies a tokenizer for caching: its name, vocabulary size, EOS id and a hash of its full definition."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         content = backend.to_str()
@@ -171,7 +172,8 @@ def _cache_key(fingerprint: dict, tokenizer_id: dict, block_size: int) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place: readers see all or nothing."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -188,10 +190,10 @@ def _write_blocks(directory: Path, blocks: TokenBlocks) -> None:
     tag = {"key": blocks.meta["key"]}
     for split in ("train", "heldout"):
         tensor = getattr(blocks, split)
-        _atomic_write(directory / f"{split}.safetensors",
+        atomic_write(directory / f"{split}.safetensors",
                       lambda tmp, t=tensor: save_file({"blocks": t}, tmp, metadata=tag))
     text = json.dumps(blocks.meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / "meta.json", lambda tmp: Path(tmp).write_text(text, "utf-8"))
+    atomic_write(directory / "meta.json", lambda tmp: Path(tmp).write_text(text, "utf-8"))
 
 
 def _read_meta(directory: Path) -> dict | None:
@@ -234,8 +236,8 @@ def _load_prepared(directory: Path, meta: dict, tokenizer_id: dict, block_size: 
 
 
 def _build(source: str, tokenizer, tokenizer_id: dict, block_size: int, key: str,
-           cache_root: Path) -> TokenBlocks:
-    documents = load_documents(source, cache_dir=cache_root)
+           root: Path) -> TokenBlocks:
+    documents = load_documents(source, cache_dir=root)
     blocks = _pack(documents, tokenizer, block_size, name=repr(source))
     train, heldout = _split(blocks, name=repr(source))
     meta = {
@@ -250,10 +252,10 @@ def _build(source: str, tokenizer, tokenizer_id: dict, block_size: int, key: str
     return TokenBlocks(train=train, heldout=heldout, meta=meta)
 
 
-def _cached_blocks(source: str, tokenizer, block_size: int, cache_root: Path) -> TokenBlocks:
-    tokenizer_id = _tokenizer_identity(tokenizer)
+def _cached_blocks(source: str, tokenizer, block_size: int, root: Path) -> TokenBlocks:
+    tokenizer_id = tokenizer_identity(tokenizer)
     key = _cache_key(_source_fingerprint(source), tokenizer_id, block_size)
-    directory = cache_root / "blocks" / key
+    directory = root / "blocks" / key
     meta = _read_meta(directory)
     if meta is not None:
         try:
@@ -262,7 +264,7 @@ def _cached_blocks(source: str, tokenizer, block_size: int, cache_root: Path) ->
             return blocks
         except DataError as error:
             logger.warning("ignoring a damaged cache entry: %s", error)
-    blocks = _build(source, tokenizer, tokenizer_id, block_size, key, cache_root)
+    blocks = _build(source, tokenizer, tokenizer_id, block_size, key, root)
     try:
         _write_blocks(directory, blocks)
     except OSError as error:
@@ -288,9 +290,9 @@ def prepare_data(
     prepared = Path(source.strip()).expanduser() if source.strip() else None
     meta = _read_meta(prepared) if prepared is not None and prepared.is_dir() else None
     if meta is not None:
-        blocks = _load_prepared(prepared, meta, _tokenizer_identity(tokenizer), block_size)
+        blocks = _load_prepared(prepared, meta, tokenizer_identity(tokenizer), block_size)
     else:
-        blocks = _cached_blocks(source, tokenizer, block_size, _cache_root(cache_dir))
+        blocks = _cached_blocks(source, tokenizer, block_size, cache_root(cache_dir))
     if out_dir is not None:
         _write_blocks(Path(out_dir).expanduser(), blocks)
     return blocks

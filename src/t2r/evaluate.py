@@ -92,9 +92,9 @@ def perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch
 
 def eval_cache_dir() -> Path:
     """Where evaluation results are kept: the `evals` folder of t2r's cache ($T2R_CACHE, else ~/.cache/t2r/corpora)."""
-    from .corpora import _cache_root
+    from .corpora import cache_root
 
-    return _cache_root(None) / "evals"
+    return cache_root(None) / "evals"
 
 
 def model_fingerprint(model) -> str:
@@ -115,7 +115,7 @@ def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None
     (pipelines that share a stage, e.g. every recipe's original-model row, or a rerun). Keyed by
     :func:`model_fingerprint` (pass `fingerprint` to reuse one computed for several evaluations of the same model)
     and the bytes of the evaluated blocks; the result is a small JSON file."""
-    from .data import _atomic_write
+    from .data import atomic_write
 
     blocks = _check_blocks(blocks, context, batch_size, max_blocks)
     fingerprint = fingerprint or model_fingerprint(model)
@@ -129,7 +129,7 @@ def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None
             pass  # a damaged entry is recomputed
     result = perplexity(model, blocks, context=context, batch_size=batch_size, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result)))  # readers see all of it or nothing
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result)))  # readers see all of it or nothing
     return result
 
 

@@ -47,12 +47,12 @@ def _require_lm_eval():
 def austen_heldout_file(tokenizer, *, blocks: int = AUSTEN_BLOCKS, cache_dir: str | Path | None = None) -> Path:
     """A .jsonl of the first `blocks` held-out Austen blocks (512 tokens of `tokenizer` each, the split of
     `t2r data austen`), decoded back to text, one document per block; written once under the t2r cache."""
-    from .data import _cache_root, _tokenizer_identity, prepare_data
+    from .data import cache_root, prepare_data, tokenizer_identity
 
     if blocks <= 0:
         raise T2RError(f"the Austen chunk needs a positive number of blocks, got {blocks}")
-    tag = hashlib.sha256(_json.dumps(_tokenizer_identity(tokenizer), sort_keys=True).encode()).hexdigest()[:12]
-    path = _cache_root(cache_dir) / "lm_eval" / f"austen-heldout-{blocks}x512-{tag}.jsonl"
+    tag = hashlib.sha256(_json.dumps(tokenizer_identity(tokenizer), sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_root(cache_dir) / "lm_eval" / f"austen-heldout-{blocks}x512-{tag}.jsonl"
     if path.is_file():
         return path
     heldout = prepare_data("austen", tokenizer, block_size=512, cache_dir=cache_dir).heldout[:blocks]

@@ -14,9 +14,15 @@ A recipe (see src/t2r/recipes/*.yaml, usable by name: `t2r pipeline --config hed
     convert: {feature_map: hedgehog, feature_dim: 64, window: 64, keep_softmax_layers: []}
     distill: {tokens: 100k, lr: 0.03}              # stage 1; omit to skip
     keep_softmax: auto:3            # after stage 1, the 3 layers with the highest transfer error go back to softmax
+    teacher_finetune: {tokens: 150k, lora: 8}      # optional: the original finetuned on the same data (LM loss)
     finetune: {tokens: 100k, lora: 8, kd: 0.5}     # stage 2; omit to skip
     eval: {data: [austen, pydocs], context: 512, max_blocks: 16}
     generate: {prompt: "It is a truth universally acknowledged", max_new_tokens: 32}
+
+`teacher_finetune` finetunes the original model on the recipe's data (it reads the same first tokens of the same
+seeded block order as the other stages) into OUT/teacher-finetune. It is the reference the RNN is measured against
+(the teacher finetuned on the same tokens: its perplexity is reported beside the stages), and stage 2's `kd` then
+distils from it instead of from the unfinetuned original, so that KD pulls the RNN towards the adapted teacher.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class PipelineRecipe:
     convert: dict = field(default_factory=dict)
     distill: dict | None = None
     keep_softmax: str | list | None = None
+    teacher_finetune: dict | None = None
     finetune: dict | None = None
     eval: dict = field(default_factory=lambda: {"data": ["austen"], "context": 512, "max_blocks": 16})
     generate: dict = field(default_factory=lambda: {"prompt": DEFAULT_PROMPT, "max_new_tokens": 32})
@@ -83,8 +90,10 @@ class PipelineRecipe:
         recipe = cls(**raw)
         if recipe.init not in INITS:
             raise RecipeFileError(f"init must be one of {', '.join(INITS)}, got {recipe.init!r} in {str(path)!r}")
-        for stage in ("distill", "finetune"):
-            extra = set(getattr(recipe, stage) or {}) - TRAIN_KEYS - {"lora", "lora_modules", "kd", "attn_ce"}
+        for stage in ("distill", "teacher_finetune", "finetune"):
+            allowed = {"lora", "lora_modules"} if stage == "teacher_finetune" else {"lora", "lora_modules", "kd",
+                                                                                    "attn_ce"}
+            extra = set(getattr(recipe, stage) or {}) - TRAIN_KEYS - allowed
             if extra:
                 raise RecipeFileError(f"unknown {stage} settings {sorted(extra)} in {str(path)!r}")
         return recipe
@@ -228,6 +237,13 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
         student, final_dir = load(stage_dir), stage_dir
         record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
 
+    kd_teacher = teacher
+    if recipe.teacher_finetune is not None:
+        kd_teacher = _finetuned_teacher(recipe, teacher, tokenizer, blocks, out / "teacher-finetune")
+        results["reference"] = {"stage": "original finetuned (reference)", "dir": str(out / "teacher-finetune"),
+                                "ppl": _evaluate(kd_teacher, tokenizer, recipe)}
+        log.info("original finetuned: held-out perplexity %s", results["reference"]["ppl"])
+
     if recipe.finetune is not None:
         stage_dir = out / "finetune"
         settings = recipe.finetune
@@ -236,7 +252,7 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
             config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
             finetune_model(student, blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
                            lora_modules=settings.get("lora_modules", ""), kd=float(settings.get("kd", 0.0)),
-                           teacher=teacher, resume=(stage_dir / "checkpoint").is_dir())
+                           teacher=kd_teacher, resume=(stage_dir / "checkpoint").is_dir())
         student, final_dir = load(stage_dir), stage_dir
         record("after stage 2 (finetuning)", student, dir=str(stage_dir))
 
@@ -245,6 +261,23 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     (out / "pipeline.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text(report_markdown(results))
     return results
+
+
+def _finetuned_teacher(recipe: PipelineRecipe, teacher, tokenizer, blocks, stage_dir: Path):
+    """The original model finetuned by `recipe.teacher_finetune` (LM loss only) in `stage_dir`, loaded, frozen."""
+    from .finetune import finetune_model
+    from .sources import load_model
+
+    settings = recipe.teacher_finetune
+    if not _done(stage_dir):
+        lora = int(settings.get("lora", 0))
+        config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
+        finetune_model(copy.deepcopy(teacher), blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
+                       lora_modules=settings.get("lora_modules", ""), resume=(stage_dir / "checkpoint").is_dir())
+    finetuned = load_model(str(stage_dir))[0]
+    for param in finetuned.parameters():
+        param.requires_grad_(False)
+    return finetuned.eval()
 
 
 def report_markdown(results: dict) -> str:
@@ -258,6 +291,11 @@ def report_markdown(results: dict) -> str:
              "|---|" + "---|" * len(sets)]
     for row in results["stages"]:
         lines.append(f"| {row['stage']} | " + " | ".join(f"{row['ppl'][s]:.2f}" for s in sets) + " |")
+    if "reference" in results:
+        ref, final = results["reference"]["ppl"], results["stages"][-1]["ppl"]
+        lines.append(f"| *{results['reference']['stage']}* | " + " | ".join(f"{ref[s]:.2f}" for s in sets) + " |")
+        lines += ["", "The RNN against the original finetuned on the same data: "
+                  + ", ".join(f"{s} {final[s] / ref[s]:.3f}x" for s in sets) + "."]
     if "layer_errors" in results:
         lines += ["", "Attention-transfer error per layer (the largest went back to softmax): "
                   + ", ".join(f"{i}: {e:.3g}" for i, e in enumerate(results["layer_errors"]))]

@@ -5,8 +5,9 @@ held-out evaluation and an export. The trainer owns the rest: AdamW, linear warm
 and accumulation, a token or step budget, a progress bar, `metrics.jsonl` (and TensorBoard when importable), periodic
 held-out evaluation, atomic safetensors checkpoints with exact resume, Ctrl-C and NaN handling. It runs under
 `accelerate`: one process, or DDP (`torchrun --nproc_per_node 2 -m t2r ...`, `accelerate launch --multi_gpu ...`;
-on CPU too), FSDP / DeepSpeed from accelerate's own config. There is no hand-written distributed code here beyond
-giving each process its share of every batch.
+on CPU too). FSDP / DeepSpeed are refused with a clear error (`check_distributed`): checkpoints and exports here read
+whole parameters, and no GPU was at hand to build and test the sharded path. There is no hand-written distributed
+code here beyond giving each process its share of every batch.
 
 The run directory OUT and its checkpoints: see `t2r.checkpoint`.
 
@@ -159,7 +160,23 @@ def make_accelerator():
     from accelerate import Accelerator
 
     has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
-    return Accelerator(cpu=not has_device)
+    if not has_device and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")
+                              for k in ("FSDP", "DEEPSPEED")):
+        log.warning("no GPU here: accelerate runs this FSDP / DeepSpeed configuration as plain DDP on the CPUs")
+    accelerator = Accelerator(cpu=not has_device)
+    check_distributed(accelerator)
+    return accelerator
+
+
+def check_distributed(accelerator) -> None:
+    """Refuse the sharded modes the trainer has not been tested under. Its checkpoints and exports read whole,
+    unsharded parameters: with FSDP or DeepSpeed ZeRO they would save one process's shards. Those modes need a GPU,
+    and none was available to test them; DDP (one whole copy per process) is what runs and is tested."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TrainError(f"accelerate is configured for {kind}, which t2r's trainer does not support yet (its "
+                         "checkpoints would hold one process's shards): use DDP instead, e.g. `accelerate launch "
+                         "--multi_gpu --num_processes N -m t2r ...`, or `accelerate config` without FSDP/DeepSpeed")
 
 
 # ----------------------------------------------------------------------------- interruption
