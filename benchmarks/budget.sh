@@ -18,10 +18,30 @@ for set in austen pydocs; do
 done
 # the target attempt: the hybrid at 650k tokens, alone on the machine (both cores)
 OMP_NUM_THREADS=2 t2r pipeline --config benchmarks/hybrid-650k.yaml --out runs/hybrid-650k
-# and the original finetuned on the 150k tokens its stage 2 saw (the matched 500k reference did not fit the session)
+# and the original finetuned on the 150k tokens its stage 2 saw
 OMP_NUM_THREADS=2 t2r finetune smollm2 --data mix --tokens 150k --lora 8 --eval-every 0 --out runs/teacher-ft-150k
 for set in austen pydocs; do
   t2r eval runs/teacher-ft-150k --data "$set" --max-blocks 24 --batch-size 2 --json > "runs/teacher-ft-150k/eval-$set.json"
+done
+# the second attempt: stage 2 distils from the original finetuned on 150k tokens (also its reference row). Its
+# converted / distill / softmax-layers stages are hybrid-650k's and its teacher-finetune is teacher-ft-150k (same
+# settings, same seeded tokens): hard-link them in to skip recomputing them, or leave this out to run all of it.
+mkdir -p runs/hybrid-800k
+for stage in converted distill softmax-layers; do
+  [ -e "runs/hybrid-800k/$stage" ] || cp -al "runs/hybrid-650k/$stage" "runs/hybrid-800k/$stage"
+done
+[ -e runs/hybrid-800k/teacher-finetune ] || cp -al runs/teacher-ft-150k runs/hybrid-800k/teacher-finetune
+OMP_NUM_THREADS=2 t2r pipeline --config benchmarks/hybrid-800k.yaml --out runs/hybrid-800k
+# and with 9 softmax layers instead of 6 (the same converted / distill / teacher-finetune stages)
+mkdir -p runs/hybrid-800k-auto9
+for stage in converted distill teacher-finetune; do
+  [ -e "runs/hybrid-800k-auto9/$stage" ] || cp -al "runs/hybrid-800k/$stage" "runs/hybrid-800k-auto9/$stage"
+done
+OMP_NUM_THREADS=2 t2r pipeline --config benchmarks/hybrid-800k-auto9.yaml --out runs/hybrid-800k-auto9
+# the matched reference for both hybrids: the original finetuned on their 500k distinct tokens
+OMP_NUM_THREADS=2 t2r finetune smollm2 --data mix --tokens 500k --lora 8 --eval-every 0 --out runs/teacher-ft-500k
+for set in austen pydocs; do
+  t2r eval runs/teacher-ft-500k --data "$set" --max-blocks 24 --batch-size 2 --json > "runs/teacher-ft-500k/eval-$set.json"
 done
 python benchmarks/pretrained_vs_random.py runs/b200k-t2r-paper/finetune runs/b200k-random-init-baseline/finetune \
   --json docs/pretrained_vs_random.json --plot docs/pretrained_vs_random.png

@@ -2,8 +2,8 @@
 
     python benchmarks/budget_report.py runs --json docs/budget_runs.json
 
-Reads RUNS/b200k-<recipe>/pipeline.json, RUNS/hybrid-650k/pipeline.json and RUNS/hybrid-800k/pipeline.json (the
-target attempts), each stage's train.json for wall time and tokens (hybrid-800k's include its finetuned teacher), and
+Reads RUNS/b200k-<recipe>/pipeline.json and RUNS/hybrid-{650k,800k,800k-auto9}/pipeline.json (the target
+attempts), each stage's train.json for wall time and tokens (hybrid-800k's include its finetuned teacher), and
 the references, the original finetuned with LoRA 8 on the first 120k / 150k / 500k tokens of the same seeded order
 (RUNS/<reference>/eval-<set>.json); prints one table per run (perplexity after every stage) and a summary: final
 perplexity against the original and against the finetuned original that saw the same distinct tokens (120k for the
@@ -18,10 +18,11 @@ from pathlib import Path
 
 RECIPES = ["t2r-paper", "random-init-baseline", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto"]
 RUN_DIRS = {**{recipe: f"b200k-{recipe}" for recipe in RECIPES}, "hybrid-650k": "hybrid-650k",
-            "hybrid-800k": "hybrid-800k"}
+            "hybrid-800k": "hybrid-800k", "hybrid-800k-auto9": "hybrid-800k-auto9"}
 SETS = ["austen", "pydocs"]
 REFERENCES = {"120k": "b200k-teacher-ft", "150k": "teacher-ft-150k", "500k": "teacher-ft-500k"}
-MATCHED = {**{recipe: "120k" for recipe in RECIPES}, "hybrid-650k": "500k", "hybrid-800k": "500k"}
+MATCHED = {**{recipe: "120k" for recipe in RECIPES}, "hybrid-650k": "500k", "hybrid-800k": "500k",
+           "hybrid-800k-auto9": "500k"}
 
 
 def stage_cost(run: Path) -> tuple[int, float]:
