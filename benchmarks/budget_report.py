@@ -75,9 +75,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for recipe, r in collected["recipes"].items():
         final, original = r["stages"][-1]["ppl"], r["stages"][0]["ppl"]
-        size = MATCHED[recipe] if MATCHED[recipe] in references else None
+        size = MATCHED[recipe]
         reference = references.get(size, {})
-        r["matched_reference"] = size
+        r["matched_reference"] = size if reference else None
         vs_ref = f"{final['austen'] / reference['austen']:.3f} ({size})" if "austen" in reference else "-"
         vs_ref_py = f"{final['pydocs'] / reference['pydocs']:.3f} ({size})" if "pydocs" in reference else "-"
         cache = r["generation"]["student"]["cache_bytes"] / 2**20

@@ -118,10 +118,14 @@ def default_teacher(student: nn.Module) -> nn.Module:
     """The original softmax model of a converted student (its starting weights); a frozen copy of a plain one."""
     from .adapters import is_converted, original_model
 
-    teacher = original_model(student) if is_converted(student) else copy.deepcopy(student)
-    for param in teacher.parameters():
+    return frozen(original_model(student) if is_converted(student) else copy.deepcopy(student))
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring gradients (a teacher)."""
+    for param in model.parameters():
         param.requires_grad_(False)
-    return teacher.eval()
+    return model.eval()
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> None:

@@ -186,7 +186,6 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     from .convert import convert, keep_softmax, reinitialize
     from .data import prepare_data
     from .distill import attention_transfer, layer_errors
-    from .finetune import finetune_model
     from .persistence import load, save
     from .sources import load_model
 
@@ -246,13 +245,8 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
 
     if recipe.finetune is not None:
         stage_dir = out / "finetune"
-        settings = recipe.finetune
         if not _done(stage_dir):
-            lora = int(settings.get("lora", 0))
-            config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
-            finetune_model(student, blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
-                           lora_modules=settings.get("lora_modules", ""), kd=float(settings.get("kd", 0.0)),
-                           teacher=kd_teacher, resume=(stage_dir / "checkpoint").is_dir())
+            _finetune_stage(student, recipe.finetune, blocks, stage_dir, tokenizer, teacher=kd_teacher)
         student, final_dir = load(stage_dir), stage_dir
         record("after stage 2 (finetuning)", student, dir=str(stage_dir))
 
@@ -263,21 +257,25 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     return results
 
 
+def _finetune_stage(model, settings: dict, blocks, stage_dir: Path, tokenizer, teacher=None) -> None:
+    """Finetune `model` by a recipe's finetune settings into `stage_dir` (resuming its checkpoint if there is one)."""
+    from .finetune import finetune_model
+
+    lora = int(settings.get("lora", 0))
+    config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
+    finetune_model(model, blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
+                   lora_modules=settings.get("lora_modules", ""), kd=float(settings.get("kd", 0.0)),
+                   teacher=teacher, resume=(stage_dir / "checkpoint").is_dir())
+
+
 def _finetuned_teacher(recipe: PipelineRecipe, teacher, tokenizer, blocks, stage_dir: Path):
     """The original model finetuned by `recipe.teacher_finetune` (LM loss only) in `stage_dir`, loaded, frozen."""
-    from .finetune import finetune_model
+    from .finetune import frozen
     from .sources import load_model
 
-    settings = recipe.teacher_finetune
     if not _done(stage_dir):
-        lora = int(settings.get("lora", 0))
-        config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
-        finetune_model(copy.deepcopy(teacher), blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
-                       lora_modules=settings.get("lora_modules", ""), resume=(stage_dir / "checkpoint").is_dir())
-    finetuned = load_model(str(stage_dir))[0]
-    for param in finetuned.parameters():
-        param.requires_grad_(False)
-    return finetuned.eval()
+        _finetune_stage(copy.deepcopy(teacher), recipe.teacher_finetune, blocks, stage_dir, tokenizer)
+    return frozen(load_model(str(stage_dir))[0])
 
 
 def report_markdown(results: dict) -> str:
