@@ -44,13 +44,7 @@ for which in converted original; do
 done
 
 echo "== 3. t2r eval --text (converted and original)" >&2
-if t2r eval --help >/dev/null 2>&1; then
-  t2r eval "$MODEL" --text "$OUT/text.jsonl" --context "$CONTEXT" --batch-size 1 --json > "$OUT/t2r_eval.json"
-else  # before `eval` is registered with the CLI: the same function
-  python -c 'import json, sys; from t2r.evaluate import eval as e
-print(json.dumps(e(sys.argv[1], text=sys.argv[2], context=int(sys.argv[3]), batch_size=1), indent=2))' \
-    "$MODEL" "$OUT/text.jsonl" "$CONTEXT" > "$OUT/t2r_eval.json"
-fi
+t2r eval "$MODEL" --text "$OUT/text.jsonl" --context "$CONTEXT" --batch-size 1 --json > "$OUT/t2r_eval.json"
 
 echo "== 4. compare" >&2
 python - "$OUT" "$MODEL" "$CONTEXT" "$(( $(date +%s) - START ))" <<'PY'

@@ -11,8 +11,9 @@ import torch
 import transformers
 
 import t2r
-from t2r.bench import (bench, copy_cache, extend_cache, parse_sizes, predict_seconds, ratios, render_bench,
-                       targets)
+from t2r.bench import copy_cache, parse_sizes, predict_seconds, ratios, render_bench, targets
+from t2r.bench.measure import extend_cache
+from t2r.cli.evaluation import bench
 from t2r.errors import T2RError
 
 ROW_KEYS = {"model", "context", "batch", "decode_ms_per_token", "prefill_tokens_per_s", "cache_bytes",

@@ -19,7 +19,7 @@ import transformers
 
 import t2r
 import t2r.cli
-from t2r import commands
+from t2r.cli import app as cli_main, models as model_commands
 
 EXIT_USAGE = 2
 CONVERT_FLAGS = ["--feature-map", "t2r", "--feature-dim", "8"]
@@ -108,8 +108,7 @@ def test_verify_human(capsys, cli_out):
 
 
 def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
-    verify_module = sys.modules["t2r.verify"]  # `t2r.verify` is the function; the module lives in sys.modules
-    real_verify = verify_module.verify
+    real_verify = model_commands.run_verify
 
     def mismatching_verify(model, **kwargs):
         report = real_verify(model, **kwargs)
@@ -117,7 +116,7 @@ def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
         report["ok"] = False
         return report
 
-    monkeypatch.setattr(verify_module, "verify", mismatching_verify)
+    monkeypatch.setattr(model_commands, "run_verify", mismatching_verify)
     code, stdout, _ = run_cli(capsys, "verify", cli_out, "--tokens", 20, "--prefill", 7)
     assert code == 1
     assert "MISMATCH" in stdout and "0.5" in stdout
@@ -156,13 +155,13 @@ def test_installed_script_help():
 
     (stdout, stderr), code = results[("--help",)]
     assert code == 0, stderr
-    for fn in commands.COMMANDS:
+    for fn in cli_main.COMMANDS:
         assert fn.__name__.replace("_", "-") in stdout
     assert "--quiet" in stdout
 
     (stdout, stderr), code = results[("convert", "--help")]
     assert code == 0, stderr
-    params = inspect.signature(commands.convert).parameters
+    params = inspect.signature(model_commands.convert).parameters
     flags = [f"--{name.replace('_', '-')}" for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
     assert len(flags) >= 10
     for flag in flags:
@@ -171,7 +170,7 @@ def test_installed_script_help():
 
 
 def test_help_in_process_mentions_every_flag(capsys):
-    for fn in commands.COMMANDS:
+    for fn in cli_main.COMMANDS:
         code, stdout, _ = run_cli(capsys, fn.__name__.replace("_", "-"), "--help")
         assert code == 0
         for name, p in inspect.signature(fn).parameters.items():

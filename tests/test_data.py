@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from t2r import data
+from t2r.cli.training import data as data_command
 from t2r.data import DataError, TokenBlocks, build_blocks, load_documents, prepare_data
 
 
@@ -228,7 +229,7 @@ def test_prepared_directory_round_trip(tmp_path, tokenizer, monkeypatch):
 
 def test_data_command_with_the_smollm2_tokenizer(tmp_path):
     path = write(tmp_path / "corpus.txt", numbered_text(400))
-    summary = data.data_command(str(path), str(tmp_path / "out"), block_size=128)
+    summary = data_command(str(path), out=str(tmp_path / "out"), block_size=128)
     assert summary["source"] == str(path) and summary["block_size"] == 128
     assert summary["train_tokens"] > 0 and summary["heldout_tokens"] >= 128
     assert (tmp_path / "out" / "meta.json").is_file()

@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 import t2r
 from conftest import byte_tokenizer, tiny_model
 from t2r.data import TokenBlocks
-from t2r.distill import attention_transfer
-from t2r.finetune import finetune_model
+from t2r.stages.distill import attention_transfer
+from t2r.stages.finetune import finetune_model
 from t2r.train import TrainConfig
 
 out, rank = {out!r}, int(os.environ["RANK"])

@@ -13,8 +13,10 @@ import t2r
 from conftest import tiny_model
 from t2r.attention import repeat_heads
 from t2r.data import DataError, TokenBlocks
-from t2r.distill import (AttentionTransfer, attention_rows, attention_transfer, distill, layer_errors, render_distill,
-                         softmax_attention)
+from t2r.cli.render import render_distill
+from t2r.cli.training import distill
+from t2r.stages.distill import attention_transfer
+from t2r.transfer import AttentionTransfer, attention_rows, layer_errors, softmax_attention
 from t2r.errors import NotAT2RModelError, T2RError
 from t2r.train import TrainConfig, TrainError
 

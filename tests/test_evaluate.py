@@ -16,8 +16,9 @@ import t2r
 from t2r import cli
 from t2r.data import DataError, prepare_data
 from t2r.errors import T2RError
-from t2r.evaluate import (count_words, eval as run_eval, perplexity, predicted_bytes, render_eval,
-                          rolling_windows, text_perplexity)
+from t2r.cli.evaluation import eval as run_eval
+from t2r.cli.render import render_eval
+from t2r.evaluate import count_words, perplexity, predicted_bytes, rolling_windows, text_perplexity
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
         "of a wife.\n\nHowever little known the feelings or views of such a man may be on his first entering a "
@@ -194,7 +195,7 @@ def test_perplexity_rejects_bad_blocks(model):
 
 def test_eval_function_is_a_cli_command():
     parser = argparse.ArgumentParser()
-    cli._add_command(parser.add_subparsers(dest="command"), run_eval)
+    cli.app._add_command(parser.add_subparsers(dest="command"), run_eval)
     args = parser.parse_args(["eval", "runs/x", "--context", "64", "--no-teacher", "--max-blocks", "3"])
     assert (args.model, args.context, args.teacher, args.max_blocks, args.split) == ("runs/x", 64, False, 3, "heldout")
     assert "loglikelihood_rolling" in parser._subparsers._group_actions[0].choices["eval"].format_help()

@@ -41,7 +41,7 @@ def test_registry_lists_every_map():
 
 
 def test_registry_rejects_duplicates_and_stamps_name():
-    registry = Registry("widget")
+    registry = Registry("widget", FeatureMapError)
 
     @registry.register("a")
     class A:

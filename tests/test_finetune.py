@@ -12,7 +12,9 @@ import t2r
 from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
-from t2r.finetune import LanguageModeling, finetune, finetune_model, render_finetune
+from t2r.cli.render import render_finetune
+from t2r.cli.training import finetune
+from t2r.stages.finetune import LanguageModeling, finetune_model
 from t2r.train import TrainConfig
 
 
@@ -147,13 +149,13 @@ def test_command_functions_make_valid_cli_parsers(capsys):
     import inspect
 
     from t2r import cli
-    from t2r.distill import distill
+    from t2r.cli.training import distill
 
     parser = argparse.ArgumentParser(prog="t2r")
     sub = parser.add_subparsers(dest="command")
     for fn in (distill, finetune):
-        assert cli._param_help(inspect.getdoc(fn)).keys() == set(inspect.signature(fn).parameters)
-        cli._add_command(sub, fn)
+        assert cli.app._param_help(inspect.getdoc(fn)).keys() == set(inspect.signature(fn).parameters)
+        cli.app._add_command(sub, fn)
         with pytest.raises(SystemExit):
             parser.parse_args([fn.__name__, "--help"])
         assert "--resume" in capsys.readouterr().out

@@ -18,8 +18,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 from t2r import lm_eval_bridge  # noqa: E402
 from t2r.data import TokenBlocks  # noqa: E402
 from t2r.errors import T2RError  # noqa: E402
-from t2r.evaluate import eval as run_eval, rolling_windows  # noqa: E402
-from t2r.lm_eval_bridge import lm_eval, load_dataset, render_lm_eval  # noqa: E402
+from t2r.cli.evaluation import eval as run_eval, lm_eval  # noqa: E402
+from t2r.cli.render import render_lm_eval  # noqa: E402
+from t2r.evaluate import rolling_windows  # noqa: E402
+from t2r.lm_eval_bridge import load_dataset  # noqa: E402
 
 PARAGRAPHS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
@@ -101,7 +103,7 @@ def test_default_text_is_a_heldout_austen_chunk(monkeypatch, tokenizer):
         calls.append((source, block_size))
         return TokenBlocks(train=blocks, heldout=blocks, meta={})
 
-    monkeypatch.setattr("t2r.data.prepare_data", fake_prepare)
+    monkeypatch.setattr("t2r.lm_eval_bridge.prepare_data", fake_prepare)
     path = lm_eval_bridge.austen_heldout_file(tokenizer, blocks=1)
     assert calls == [("austen", 512)] and "austen-heldout-1x512" in path.name
     assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == ["held out block one  "]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import t2r
 from t2r.cli import main
-from t2r.pipeline import PipelineRecipe, RecipeFileError, parse_keep_softmax, worst_layers
+from t2r.stages.pipeline import PipelineRecipe, RecipeFileError, parse_keep_softmax, worst_layers
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
@@ -71,7 +71,7 @@ def test_recipe_errors(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    from t2r.pipeline import shipped_recipes
+    from t2r.stages.pipeline import shipped_recipes
 
     recipes = shipped_recipes()
     assert {"t2r-paper", "random-init-baseline", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto",
@@ -104,16 +104,16 @@ def test_pipeline_random_init_baseline(recipe_file, tmp_path, tiny_model_dir, ca
 def test_pipeline_teacher_finetune_is_the_reference_and_the_kd_teacher(recipe_file, tmp_path, capsys, monkeypatch):
     """`teacher_finetune`: the original is finetuned on the same data into OUT/teacher-finetune, reported beside the
     stages as the reference, and stage 2's KD distils from it (not from the unfinetuned original)."""
-    import t2r.finetune
+    import t2r.stages.pipeline
 
     calls = []
-    real = t2r.finetune.finetune_model
+    real = t2r.stages.pipeline.finetune_model
 
     def spy(model, *args, **kwargs):
         calls.append(kwargs.get("teacher"))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(t2r.finetune, "finetune_model", spy)
+    monkeypatch.setattr(t2r.stages.pipeline, "finetune_model", spy)
     recipe = yaml.safe_load(recipe_file.read_text())
     recipe.update(keep_softmax=None, distill=None, teacher_finetune={"steps": 2, "lora": 2, "lr": 1e-2,
                                                                      "eval_every": 0})

@@ -20,7 +20,7 @@ import t2r
 from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
-from t2r.finetune import finetune_model
+from t2r.stages.finetune import finetune_model
 from t2r.train import (METRICS, BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError,
                        check_distributed, lr_factor, parse_tokens)
 
@@ -181,7 +181,7 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from conftest import byte_tokenizer
 from test_train import blocks, config, student
-from t2r.finetune import finetune_model
+from t2r.stages.finetune import finetune_model
 
 def kill(step, record):
     if step == 4:

@@ -10,8 +10,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .attention import LinearAttention
 from .adapters import adapter_for, is_converted, mark_converted, restore_softmax, swap_attention
+from .attention import LinearAttention
 from .errors import T2RError
 from .recipe import Recipe
 

@@ -27,19 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import sources
-from .corpora import BUILTIN_CORPORA, BUILTIN_VERSION, cache_root, _text_files, load_documents
+from .corpora import BUILTIN_CORPORA, BUILTIN_VERSION, _text_files, cache_root, load_documents
 from .errors import DataError
+from .io import atomic_write, write_json
 from .sources import DEFAULT_GGUF  # noqa: F401  (re-exported: the tests name data.DEFAULT_GGUF)
 
 logger = logging.getLogger(__name__)
@@ -172,18 +170,6 @@ def _cache_key(fingerprint: dict, tokenizer_id: dict, block_size: int) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_blocks(directory: Path, blocks: TokenBlocks) -> None:
     """train/heldout.safetensors, then meta.json (its presence marks a complete folder)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -192,11 +178,10 @@ def _write_blocks(directory: Path, blocks: TokenBlocks) -> None:
         tensor = getattr(blocks, split)
         atomic_write(directory / f"{split}.safetensors",
                       lambda tmp, t=tensor: save_file({"blocks": t}, tmp, metadata=tag))
-    text = json.dumps(blocks.meta, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / "meta.json", lambda tmp: Path(tmp).write_text(text, "utf-8"))
+    write_json(directory / "meta.json", blocks.meta, sort_keys=True)
 
 
-def _read_meta(directory: Path) -> dict | None:
+def read_meta(directory: Path) -> dict | None:
     """The meta of a prepared folder, or None when ``directory`` is not one."""
     try:
         meta = json.loads((directory / "meta.json").read_text("utf-8"))
@@ -256,7 +241,7 @@ def _cached_blocks(source: str, tokenizer, block_size: int, root: Path) -> Token
     tokenizer_id = tokenizer_identity(tokenizer)
     key = _cache_key(_source_fingerprint(source), tokenizer_id, block_size)
     directory = root / "blocks" / key
-    meta = _read_meta(directory)
+    meta = read_meta(directory)
     if meta is not None:
         try:
             blocks = _read_blocks(directory, meta)
@@ -288,7 +273,7 @@ def prepare_data(
     """
     _check_block_size(block_size)
     prepared = Path(source.strip()).expanduser() if source.strip() else None
-    meta = _read_meta(prepared) if prepared is not None and prepared.is_dir() else None
+    meta = read_meta(prepared) if prepared is not None and prepared.is_dir() else None
     if meta is not None:
         blocks = _load_prepared(prepared, meta, tokenizer_identity(tokenizer), block_size)
     else:
@@ -298,7 +283,7 @@ def prepare_data(
     return blocks
 
 
-def _load_tokenizer(model: str | None):
+def tokenizer_of(model: str | None):
     """The tokenizer of ``model`` (see :func:`t2r.sources.resolve`; None is the default model)."""
     from transformers import AutoTokenizer
 
@@ -308,26 +293,3 @@ def _load_tokenizer(model: str | None):
         return AutoTokenizer.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot load the tokenizer of {source.describe()} ({error})") from error
-
-
-def data_command(source: str, out: str, model: str | None = None, block_size: int = 512) -> dict:
-    """Tokenise a corpus into train / held-out blocks and write them to a folder.
-
-    Args:
-        source: austen, kjv, pydocs, mix, a text/.jsonl file, a folder of text files, or
-            hf:NAME[:CONFIG[:SPLIT]].
-        out: folder to write train.safetensors, heldout.safetensors and meta.json into.
-        model: model whose tokenizer to use (folder, hub name or .gguf file); default SmolLM2-135M.
-        block_size: tokens per block.
-
-    Returns a summary: source, out, train_tokens, heldout_tokens, block_size.
-    """
-    tokenizer = _load_tokenizer(model)
-    blocks = prepare_data(source, tokenizer, block_size=block_size, out_dir=out)
-    return {
-        "source": source,
-        "out": str(out),
-        "train_tokens": blocks.meta["train_tokens"],
-        "heldout_tokens": blocks.meta["heldout_tokens"],
-        "block_size": block_size,
-    }

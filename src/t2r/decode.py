@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import T2RError
+from .generate import new_cache
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     when `stopping_criteria(sequence, scores)` (HF's `StoppingCriteriaList` works) is true for every row.
 
     Returns (tokens [B, new] long, cache); `cache` defaults to `t2r.generate.new_cache(model)`."""
-    from .generate import new_cache
 
     cache = new_cache(model) if cache is None else cache
     steps = list(iter_decode(model, input_ids, attention_mask, cache=cache, max_new_tokens=max_new_tokens,

@@ -22,14 +22,15 @@ import json
 import logging
 import math
 import re
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .corpora import cache_root
 from .errors import T2RError
+from .io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ def perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch
 
 def eval_cache_dir() -> Path:
     """Where evaluation results are kept: the `evals` folder of t2r's cache ($T2R_CACHE, else ~/.cache/t2r/corpora)."""
-    from .corpora import cache_root
 
     return cache_root(None) / "evals"
 
@@ -115,7 +115,6 @@ def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None
     (pipelines that share a stage, e.g. every recipe's original-model row, or a rerun). Keyed by
     :func:`model_fingerprint` (pass `fingerprint` to reuse one computed for several evaluations of the same model)
     and the bytes of the evaluated blocks; the result is a small JSON file."""
-    from .data import atomic_write
 
     blocks = _check_blocks(blocks, context, batch_size, max_blocks)
     fingerprint = fingerprint or model_fingerprint(model)
@@ -129,7 +128,7 @@ def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None
             pass  # a damaged entry is recomputed
     result = perplexity(model, blocks, context=context, batch_size=batch_size, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result)))  # readers see all of it or nothing
+    write_json(path, result)  # readers see all of it or nothing
     return result
 
 
@@ -248,136 +247,3 @@ def text_perplexity(model, tokenizer, documents: list[str], *, max_length: int, 
 
 
 # ----------------------------------------------------------------------------- the `t2r eval` command
-
-
-def _load(model: str):
-    """(student or None, teacher loader, tokenizer, description) for a converted directory or any plain source."""
-    from .persistence import load, load_tokenizer
-
-    if Path(model).is_dir() and _is_converted_dir(Path(model)):
-        from .adapters import original_model
-
-        log.info("loading %s", model)
-        student = load(model)
-        tokenizer = load_tokenizer(model)
-        if tokenizer is None:
-            raise T2RError(f"{model!r} has no tokenizer files beside the model: save it with t2r.save(model, dir, "
-                           "tokenizer) or convert it again")
-        return student, lambda: original_model(student), tokenizer
-    from .sources import load_model
-
-    teacher, tokenizer, _ = load_model(model)
-    return None, lambda: teacher, tokenizer
-
-
-def _is_converted_dir(path: Path) -> bool:
-    from .persistence import _is_t2r_dir
-
-    return _is_t2r_dir(path)
-
-
-def _block_size(data: str, context: int) -> int:
-    """A folder written by `t2r data --out` keeps its block size; otherwise blocks of max(512, context)."""
-    from .data import _read_meta
-
-    path = Path(data).expanduser()
-    meta = _read_meta(path) if path.is_dir() else None
-    return int(meta["block_size"]) if meta else max(DEFAULT_BLOCK_SIZE, context)
-
-
-def _check_args(split: str, context: int, max_blocks: int | None, batch_size: int) -> None:
-    if split not in SPLITS:
-        raise T2RError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    if context < 2:
-        raise T2RError(f"--context must be at least 2 tokens, got {context}")
-    if max_blocks is not None and max_blocks <= 0:
-        raise T2RError(f"--max-blocks must be positive, got {max_blocks}")
-    if batch_size <= 0:
-        raise T2RError(f"--batch-size must be positive, got {batch_size}")
-
-
-def eval(model: str, *, data: str = "austen", split: str = "heldout", context: int = 512,
-         max_blocks: int | None = None, batch_size: int = 4, text: str | None = None, teacher: bool = True,
-         teacher_model: str | None = None, json: bool = False) -> dict:
-    """Perplexity of a converted model beside its original (the teacher) on the same tokens.
-
-    Args:
-        model: directory of a converted model; a plain model (HF directory, GGUF file) gives the teacher row only.
-        data: austen, kjv, pydocs, mix, a text/.jsonl file, a folder of text files, or a `t2r data --out` folder.
-        split: train or heldout (the split rule of `t2r data`).
-        context: tokens per evaluation window: blocks of 512 tokens (of `context`, if longer; a `t2r data` folder
-            keeps its own) are cut into non-overlapping windows of this length. With --text: lm-eval's max_length.
-        max_blocks: evaluate only the first N blocks of the split.
-        batch_size: windows per forward pass.
-        text: a text file, .jsonl (one document per line, field "text") or folder: compute lm-eval's
-            loglikelihood_rolling figures (word perplexity, byte perplexity, bits per byte) over it instead.
-        teacher: also evaluate the teacher: the original softmax model rebuilt from the converted model's weights.
-        teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
-            model after full finetuning, which changes the weights the rebuilt original would use.
-        json: print the result as JSON.
-    """
-    _check_args(split, context, max_blocks, batch_size)
-    start = time.perf_counter()
-    student, load_teacher, tokenizer = _load(model)
-    if text is not None:
-        from .data import load_documents
-
-        documents = load_documents(text)
-        run = lambda m, label: text_perplexity(m, tokenizer, documents, max_length=context,  # noqa: E731
-                                               batch_size=batch_size, progress=label)
-        source = {"text": text, "documents": len(documents)}
-    else:
-        from .data import prepare_data
-
-        prepared = prepare_data(data, tokenizer, block_size=_block_size(data, context))
-        blocks = getattr(prepared, split)
-        if max_blocks is not None:
-            blocks = blocks[:max_blocks]
-        n_bytes = predicted_bytes(tokenizer, blocks, context)
-        run = lambda m, label: perplexity(m, blocks, context=context, batch_size=batch_size,  # noqa: E731
-                                          byte_count=n_bytes, progress=label)
-        source = {"data": data, "split": split, "blocks": int(blocks.shape[0]),
-                  "block_size": int(blocks.shape[1])}
-    result = {"model": model, **source, "context": context}
-    if student is not None:
-        log.info("evaluating the converted model")
-        result["student"] = run(student, "student")
-    if teacher_model is not None:
-        from .sources import load_model
-
-        log.info("evaluating the teacher %s", teacher_model)
-        result["teacher"] = run(load_model(teacher_model)[0], "teacher")
-        result["teacher_model"] = teacher_model
-    elif teacher or student is None:
-        log.info("evaluating the original model")
-        result["teacher"] = run(load_teacher(), "teacher")
-    if "student" in result and "teacher" in result:
-        result["ratio"] = result["student"]["ppl"] / result["teacher"]["ppl"]
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    return result
-
-
-def render_eval(r: dict) -> str:
-    """The table `t2r eval` prints."""
-    rows = [name for name in ("teacher", "student") if name in r]
-    where = (f"{r['text']} ({r['documents']} documents), lm-eval rolling windows of {r['context']} tokens"
-             if "text" in r else
-             f"{r['data']} {r['split']}: {r['blocks']} blocks of {r['block_size']}, windows of {r['context']} tokens")
-    label = {"teacher": "original", "student": "converted"}
-    lines = [f"{r['model']} on {where}"]
-    if "text" in r:
-        lines.append(f"{'':10} {'word ppl':>10} {'byte ppl':>9} {'bits/byte':>9} {'token ppl':>10} {'tokens':>8}")
-        for name in rows:
-            m = r[name]
-            lines.append(f"{label[name]:10} {m['word_perplexity']:10.3f} {m['byte_perplexity']:9.4f} "
-                         f"{m['bits_per_byte']:9.4f} {m['ppl']:10.3f} {m['tokens']:8d}")
-    else:
-        lines.append(f"{'':10} {'perplexity':>10} {'nll':>7} {'bits/byte':>9} {'tokens':>8}")
-        for name in rows:
-            m = r[name]
-            bpb = f"{m['bits_per_byte']:9.4f}" if "bits_per_byte" in m else f"{'-':>9}"
-            lines.append(f"{label[name]:10} {m['ppl']:10.3f} {m['nll']:7.4f} {bpb} {m['tokens']:8d}")
-    if "ratio" in r:
-        lines.append(f"converted / original perplexity: {r['ratio']:.3f}")
-    lines.append(f"[{r['seconds']} s]")
-    return "\n".join(lines)

@@ -20,10 +20,14 @@ import json as _json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
+from .adapters import original_model
+from .data import cache_root, load_documents, prepare_data, tokenizer_identity
 from .errors import T2RError
+from .io import write_text
+from .persistence import is_t2r_dir, load, load_tokenizer
+from .sources import load_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ TEXT_ENV = "T2R_LM_EVAL_TEXT"
 AUSTEN_BLOCKS = 16  # held-out blocks of 512 tokens in the default text: about 8k tokens
 
 
-def _require_lm_eval():
+def require_lm_eval():
     try:
         import lm_eval
     except ImportError as err:
@@ -47,8 +51,6 @@ def _require_lm_eval():
 def austen_heldout_file(tokenizer, *, blocks: int = AUSTEN_BLOCKS, cache_dir: str | Path | None = None) -> Path:
     """A .jsonl of the first `blocks` held-out Austen blocks (512 tokens of `tokenizer` each, the split of
     `t2r data austen`), decoded back to text, one document per block; written once under the t2r cache."""
-    from .data import cache_root, prepare_data, tokenizer_identity
-
     if blocks <= 0:
         raise T2RError(f"the Austen chunk needs a positive number of blocks, got {blocks}")
     tag = hashlib.sha256(_json.dumps(tokenizer_identity(tokenizer), sort_keys=True).encode()).hexdigest()[:12]
@@ -58,9 +60,7 @@ def austen_heldout_file(tokenizer, *, blocks: int = AUSTEN_BLOCKS, cache_dir: st
     heldout = prepare_data("austen", tokenizer, block_size=512, cache_dir=cache_dir).heldout[:blocks]
     lines = [_json.dumps({"text": tokenizer.decode(row.tolist(), skip_special_tokens=True)}) for row in heldout]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
     log.info("wrote %d held-out Austen blocks to %s", len(lines), path)
     return path
 
@@ -81,7 +81,6 @@ def load_dataset(text: str | None = None, pretrained=None, **_ignored) -> dict:
     chunk tokenised with `pretrained`'s tokenizer."""
     import datasets
 
-    from .data import load_documents
 
     text = text or os.environ.get(TEXT_ENV)
     if not text:
@@ -100,14 +99,12 @@ def doc_to_target(doc: dict) -> str:
 
 
 def _is_converted(model: str) -> bool:
-    from .persistence import _is_t2r_dir
 
-    return Path(model).is_dir() and _is_t2r_dir(Path(model))
+    return Path(model).is_dir() and is_t2r_dir(Path(model))
 
 
-def _lm(model: str, original: bool, context: int, batch_size: int, device: str):
+def make_lm(model: str, original: bool, context: int, batch_size: int, device: str):
     """(lm-eval model name or LM object, model_args, tokenizer, which) for `simple_evaluate`."""
-    from .persistence import load_tokenizer
 
     args = {"max_length": context, "dtype": "float32", "backend": "causal"}  # device: simple_evaluate's own
     if not original and Path(model).is_dir():  # the ordinary path: lm-eval loads the directory itself
@@ -121,12 +118,9 @@ def _lm(model: str, original: bool, context: int, batch_size: int, device: str):
         if not _is_converted(model):
             raise T2RError(f"--original rebuilds the softmax model of a converted one; {model!r} is not a converted "
                            "model directory (evaluate a plain model without --original)")
-        from .adapters import original_model
-        from .persistence import load
 
         hf_model, tokenizer, which = original_model(load(model)), load_tokenizer(model), "original"
     else:  # a GGUF file or hub id: load it the way t2r does (dequantized), hand lm-eval the instance
-        from .sources import load_model
 
         hf_model, tokenizer, _ = load_model(model)
         which = "plain"
@@ -136,75 +130,13 @@ def _lm(model: str, original: bool, context: int, batch_size: int, device: str):
     return lm, None, tokenizer, which
 
 
-def _metrics(results: dict) -> dict:
+def task_metrics(results: dict) -> dict:
     """lm-eval's {"word_perplexity,none": x, "alias": ...} -> {"word_perplexity": x} (numbers only)."""
     out = {}
     for task, values in results.items():
         out[task] = {key.split(",")[0]: value for key, value in values.items()
                      if isinstance(value, (int, float)) and "_stderr" not in key and key != "sample_len"}
     return out
-
-
-def lm_eval(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, original: bool = False,
-            context: int = 512, limit: int | None = None, batch_size: int = 1, austen_blocks: int = AUSTEN_BLOCKS,
-            device: str = "cpu", json: bool = False) -> dict:
-    """Run lm-evaluation-harness on a model, with t2r imported and its local tasks available.
-
-    Args:
-        model: directory of a converted (or any HF) model, loaded by lm-eval as `--model hf`; or a GGUF file.
-        tasks: comma-separated lm-eval task names; t2r_text is t2r's local rolling-perplexity task.
-        text: text file, .jsonl (field "text") or folder for t2r_text; default: a held-out Austen chunk.
-        original: evaluate the original softmax model rebuilt from the converted model's weights.
-        context: lm-eval's max_length: the rolling window, in tokens.
-        limit: evaluate only the first N documents of each task.
-        batch_size: windows per forward pass.
-        austen_blocks: held-out Austen blocks of 512 tokens in the default text.
-        device: cpu, cuda, cuda:0, ...
-        json: print the result as JSON.
-    """
-    _require_lm_eval()
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from . import adapters  # noqa: F401  (registers the converted classes with AutoModelForCausalLM)
-
-    if context < 2:
-        raise T2RError(f"--context must be at least 2 tokens, got {context}")
-    if batch_size <= 0 or (limit is not None and limit <= 0):
-        raise T2RError("--batch-size and --limit must be positive")
-    if not (Path(model).exists() or model.count("/") <= 1):
-        raise T2RError(f"no such model directory or file: {model!r}")
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    start = time.perf_counter()
-    lm, model_args, tokenizer, which = _lm(model, original, context, batch_size, device)
-    if TEXT_TASK in task_list and text is None:
-        text = str(austen_heldout_file(tokenizer, blocks=austen_blocks))
-    if text is not None and not Path(text).exists():
-        raise T2RError(f"--text {text!r} does not exist")
-    ours = {p.stem for p in TASKS_DIR.glob("*.yaml")}
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(task_list) <= ours,
-                          metadata={"text": text} if text else {})  # indexing lm-eval's own tasks takes seconds
-    log.info("lm-eval %s on %s (%s model)", ",".join(task_list), model, which)
-    results = simple_evaluate(model=lm, model_args=model_args, tasks=task_list, batch_size=batch_size,
-                              device=device, limit=limit, task_manager=manager, log_samples=False,
-                              bootstrap_iters=0)
-    if results is None:  # a non-zero rank in a distributed run
-        return {}
-    import lm_eval as _lm_eval_package
-
-    return {"model": model, "which": which, "tasks": task_list, "text": text, "context": context,
-            "limit": limit, "lm_eval_version": getattr(_lm_eval_package, "__version__", "unknown"),
-            "results": _metrics(results["results"]), "seconds": round(time.perf_counter() - start, 2)}
-
-
-def render_lm_eval(r: dict) -> str:
-    """The lines `t2r lm-eval` prints."""
-    lines = [f"lm-eval {r['lm_eval_version']}: {r['model']} ({r['which']} model), max_length {r['context']}"
-             + (f", text {r['text']}" if r.get("text") else "")]
-    for task, metrics in r["results"].items():
-        lines += [f"{task}:"] + [f"  {name:16} {value:.6g}" for name, value in sorted(metrics.items())]
-    lines.append(f"[{r['seconds']} s]")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- `python -m t2r.lm_eval_bridge`
@@ -214,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     """lm-eval's own command line with t2r imported and t2r's task folder as --include_path (unless one is given)."""
     import t2r  # noqa: F401  (registers the converted classes)
 
-    _require_lm_eval()
+    require_lm_eval()
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)

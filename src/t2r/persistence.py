@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import NotAT2RModelError, T2RError
+from .io import private_dir_beside, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,32 +24,21 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
     if out.exists():
         if not overwrite:
             raise T2RError(f"{out} already exists: choose another --out or pass --overwrite")
-        if not (out.is_dir() and _is_t2r_dir(out)):
+        if not (out.is_dir() and is_t2r_dir(out)):
             raise T2RError(f"{out} exists and is not a t2r model directory: refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final directory should look like any other
+    tmp = private_dir_beside(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s", out)
     return out
 
 
-def _is_t2r_dir(path: Path) -> bool:
+def is_t2r_dir(path: Path) -> bool:
     try:
         return "t2r" in json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -106,7 +94,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a saved converted model (any supported family) from a directory; returns it in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from . import adapters  # noqa: F401  (registers the converted classes)
 
     check_model_dir(path)
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters.base import drop_dequantized_quantizer
 from .errors import ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, KeyError) as err:
         raise ModelSourceError(_explain(source, err)) from err
     if source.gguf_file:
-        from .adapters.base import drop_dequantized_quantizer
 
         drop_dequantized_quantizer(model)
     model.eval()

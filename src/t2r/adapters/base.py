@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..attention import LinearAttention
+from ..errors import ModelSourceError, UnsupportedModelError
 from ..recipe import Recipe
+from .cache import recurrent_slot
 
 
 class Adapter:
@@ -81,7 +83,6 @@ def swap_attention(model: nn.Module, recipe: Recipe, adapter: Adapter | None = N
 def restore_softmax(model: nn.Module, layers, adapter: Adapter | None = None) -> list[int]:
     """Put softmax attention back in `layers` (their linear modules' projections are reused; the feature maps are
     dropped). Returns the layers that changed. The caller records the new recipe."""
-    from ..attention import LinearAttention
 
     adapter = adapter or adapter_for(model)
     changed = []
@@ -115,7 +116,6 @@ def key_mask_from(attention_mask: torch.Tensor | None, num_new: int) -> torch.Te
 def linear_forward(module, hidden_states: torch.Tensor, position_embeddings, attention_mask, cache, kwargs: dict):
     """The body every adapter's attention forward shares: projections, state slot, attention, output projection.
     `kwargs` may carry `t2r_mode` ("chunk" | "recurrent" | "quadratic") threaded through the model's forward."""
-    from .cache import recurrent_slot
 
     q, k, v = module.qkv(hidden_states, position_embeddings)
     slot = recurrent_slot(cache if cache is not None else kwargs.get("past_key_values"), module.layer_idx)
@@ -132,7 +132,6 @@ def drop_dequantized_quantizer(model: nn.Module) -> nn.Module:
         return model
     packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
     if packed:
-        from ..errors import ModelSourceError
 
         raise ModelSourceError(
             f"the GGUF weights stayed packed ({packed[0]}, ...): load them dequantized, "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json as jsonlib
 import logging
 import os
 import platform
@@ -29,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from .adapters import RecurrentLayer, cache_bytes, original_model
-from .bench_report import plot_bench, ratios, render_bench, targets  # noqa: F401 (render_bench: re-exported)
-from .decode import decode, iter_decode
-from .errors import T2RError
-from .generate import new_cache
+from ..adapters import RecurrentLayer, cache_bytes, original_model
+from ..decode import decode, iter_decode
+from ..errors import T2RError
+from ..generate import new_cache
+from .report import ratios, targets
 
 log = logging.getLogger(__name__)
 
@@ -375,56 +374,3 @@ def notes(result: dict) -> list[str]:
         "original: its attention implementation)",
         *(["decode steps cut by decode_cap_s: " + "; ".join(short)] if short else []),
     ]
-
-
-def bench(model: str, *, contexts: str = "128,1k,4k,16k", batch: str = "1,8", decode_tokens: int = 32,
-          warmup: int = 4, plot: str | None = None, out_json: str | None = None, threads: int | None = None,
-          device: str = "cpu", prefill_cap_s: float = 120.0, decode_cap_s: float = 120.0, train_seq: int = 2048,
-          train_steps: int = 2, generate_tokens: int = 16, prefill_chunk: int = 2048, json: bool = False) -> dict:
-    """Measure decode speed, prefill speed and memory of a converted model against its original.
-
-    Args:
-        model: directory of a converted model (from `t2r convert`); its original is rebuilt from the same weights.
-        contexts: context lengths, comma-separated (k = 1024).
-        batch: batch sizes, comma-separated.
-        decode_tokens: timed decode steps per (model, context, batch); the median is reported.
-        warmup: untimed decode steps before them.
-        plot: write a PNG plot (decode ms/token and cache bytes vs context) to this file; needs matplotlib.
-        out_json: write the full result as JSON to this file.
-        threads: torch CPU threads (default: torch's own choice).
-        device: torch device to run on, e.g. cpu or cuda.
-        prefill_cap_s: skip a real prefill predicted to take longer; its cache is then extended from a shorter one.
-        decode_cap_s: cut a row's decode steps (to no fewer than 8) when it would take longer than this.
-        train_seq: sequence length of the training-step throughput measurement.
-        train_steps: timed training steps per model (0 = skip the measurement).
-        generate_tokens: tokens per run when timing HF generate against the lean decode loop (0 = skip).
-        prefill_chunk: prefill in forwards of this many tokens, carrying the cache (0 = one forward per context).
-        json: print the result as JSON.
-    """
-    from .persistence import load
-
-    if decode_tokens < 1 or warmup < 0:
-        raise T2RError(f"need --decode-tokens >= 1 and --warmup >= 0, got {decode_tokens} and {warmup}")
-    if threads is not None and threads < 1:
-        raise T2RError(f"--threads must be >= 1, got {threads}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
-    sizes, batches = parse_sizes(contexts), parse_sizes(batch, "--batch")
-    converted = load(model)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    try:
-        result = run_bench(converted, contexts=sizes, batches=batches, decode_tokens=decode_tokens, warmup=warmup,
-                           device=device, prefill_cap_s=prefill_cap_s, decode_cap_s=decode_cap_s,
-                           train_seq=train_seq, train_steps=train_steps, generate_tokens=generate_tokens,
-                           prefill_chunk=prefill_chunk or None)
-    finally:
-        torch.set_num_threads(previous)
-    result["model"] = str(model)
-    if plot:
-        result["plot"] = str(plot_bench(result, plot))
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(jsonlib.dumps(result, indent=2) + "\n")
-        result["json_file"] = str(out_json)
-    return result

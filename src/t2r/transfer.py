@@ -1,5 +1,5 @@
-"""Stage 1, attention transfer: train only the feature maps (and window mixing factors) so that every converted
-layer's linear attention reproduces the softmax attention of the original model, layer by layer.
+"""Attention transfer, the objective of stage 1: every converted layer's linear attention is trained to reproduce the
+softmax attention of the original model, layer by layer.
 
 One step costs about one forward pass of the teacher: the teacher (the student's own weights with softmax attention,
 `t2r.adapters.original_model`, weights shared) runs without gradients up to the last converted layer, forward
@@ -17,20 +17,15 @@ Losses, averaged over the converted layers:
 from __future__ import annotations
 
 import itertools
-import logging
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import adapter_for, original_model
 from .attention import LinearAttention, repeat_heads
 from .errors import T2RError
 from .ops.common import window_weights
-from .train import Task, TrainConfig, check_run_dir, parse_tokens, train
-
-log = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
@@ -97,7 +92,6 @@ class AttentionTransfer(nn.Module):
 
     def __init__(self, student: nn.Module, *, attn_ce: float = 0.0) -> None:
         super().__init__()
-        from .adapters import adapter_for, original_model
 
         self.student, self.attn_ce = student, attn_ce
         teacher = share_weights(original_model(student), student).eval()
@@ -169,131 +163,3 @@ def layer_errors(student: nn.Module, blocks: torch.Tensor, *, batch_size: int = 
         batch = blocks[start:start + batch_size].to(next(student.parameters()).device)
         total += transfer(batch)["layer_errors"].cpu() * batch.shape[0]
     return [float(x) for x in total / blocks.shape[0]]
-
-
-class DistillTask(Task):
-    """Attention transfer as a trainer task: feature maps (and window logits) train, everything else is frozen."""
-
-    def __init__(self, student: nn.Module, tokenizer=None, *, attn_ce: float = 0.0) -> None:
-        trainable = 0
-        for name, param in student.named_parameters():
-            param.requires_grad_(".feature_map." in name or name.endswith("window_logit"))
-            trainable += param.numel() if param.requires_grad else 0
-        if not trainable:
-            raise T2RError(f"feature map {student.config.t2r['feature_map']!r} has no parameters and there is no "
-                           "window: nothing to distill; convert with a learned map (hedgehog, t2r, taylor)")
-        self.module = AttentionTransfer(student, attn_ce=attn_ce)
-        self.tokenizer = tokenizer
-
-    def evaluate(self, module: AttentionTransfer, heldout: torch.Tensor) -> dict:
-        from .evaluate import perplexity
-
-        device = next(module.parameters()).device
-        with torch.no_grad():
-            outputs = [module(heldout[i:i + 1].to(device)) for i in range(heldout.shape[0])]
-        errors = torch.stack([o["layer_errors"] for o in outputs]).mean(0)  # (layers,)
-        result = perplexity(module.student, heldout, batch_size=1)
-        return {"ppl": result["ppl"], "nll": result["nll"],
-                "transfer_mse": sum(float(o["mse"]) for o in outputs) / len(outputs),
-                "layer_errors": [round(float(x), 6) for x in errors]}
-
-    def export(self, module: AttentionTransfer, out: Path) -> None:
-        from .persistence import save
-
-        save(module.student, out, self.tokenizer)
-
-
-def attention_transfer(student: nn.Module, blocks, out: str | Path, config: TrainConfig, *, tokenizer=None,
-                       attn_ce: float = 0.0, settings: dict | None = None, resume: bool = False,
-                       overwrite: bool = False, on_step=None) -> dict:
-    """Stage 1 on a loaded converted model (changed in place); the final model is saved to `out`. Returns the
-    run summary (see `t2r.train.Trainer`) plus the final per-layer transfer errors."""
-    from .adapters import is_converted
-
-    if not is_converted(student):
-        raise T2RError("attention transfer needs a converted model: run `t2r convert` first")
-    if attn_ce < 0:
-        raise T2RError(f"--attn-ce is a loss weight >= 0, got {attn_ce}")
-    task = DistillTask(student, tokenizer, attn_ce=attn_ce)
-    settings = {"stage": "distill", "attn_ce": attn_ce, **(settings or {})}
-    summary = train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite,
-                    on_step=on_step)
-    return summary
-
-
-def _budget(tokens: str, steps: int) -> dict:
-    if steps < 0:
-        raise T2RError(f"--steps must be positive (or 0: use --tokens), got {steps}")
-    return {"steps": steps} if steps else {"tokens": parse_tokens(tokens)}
-
-
-def load_training_data(data: str, tokenizer, block_size: int | None):
-    """Token blocks of `data` (see `t2r.data`); a prepared folder keeps its block size, else 512."""
-    from .data import _read_meta, prepare_data
-
-    if block_size is None:
-        meta = _read_meta(Path(data).expanduser()) if Path(data).expanduser().is_dir() else None
-        block_size = int(meta["block_size"]) if meta else 512
-    return prepare_data(data, tokenizer, block_size=block_size)
-
-
-def distill(model: str, *, data: str = "austen", tokens: str = "300k", steps: int = 0, out: str = "runs/distilled",
-            lr: float = 3e-2, batch_size: int = 1, grad_accum: int = 1, warmup: float = 0.05,
-            attn_ce: float = 0.0, block_size: int | None = None, eval_every: int = 250, eval_blocks: int = 8,
-            checkpoint_every: int = 100, seed: int = 0, resume: bool = False, overwrite: bool = False,
-            progress: bool = True, json: bool = False) -> dict:
-    """Stage 1, attention transfer: train the feature maps so each linear attention layer imitates softmax attention.
-
-    Args:
-        model: directory of a converted model (from `t2r convert`).
-        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder.
-        tokens: token budget, e.g. 300k or 1M (rounded up to whole steps).
-        steps: optimizer steps instead of --tokens (0: use --tokens).
-        out: run directory: metrics.jsonl, checkpoint/, then the final model.
-        lr: peak learning rate of AdamW (linear warmup, then cosine decay to a tenth of it).
-        batch_size: blocks per micro-batch per process.
-        grad_accum: micro-batches per optimizer step.
-        warmup: warmup steps (a fraction of all steps if < 1).
-        attn_ce: weight of Hedgehog's cross-entropy between attention rows (quadratic memory in the block size).
-        block_size: tokens per block; unset: the prepared folder's, else 512.
-        eval_every: evaluate on held-out blocks every this many steps (0: only before and after).
-        eval_blocks: held-out blocks per evaluation (each costs two forward passes: transfer error and perplexity).
-        checkpoint_every: write a checkpoint every this many steps (0: only on Ctrl-C).
-        seed: seed of the data order and of the RNG.
-        resume: continue the interrupted run in --out from its last checkpoint.
-        overwrite: delete an earlier run in --out and start again.
-        progress: show a progress bar on stderr.
-        json: print the result as JSON.
-    """
-    from .persistence import load, load_tokenizer
-
-    config = TrainConfig(lr=lr, **_budget(tokens, steps), batch_size=batch_size, grad_accum=grad_accum,
-                         warmup=warmup, eval_every=eval_every, eval_blocks=eval_blocks,
-                         checkpoint_every=checkpoint_every, seed=seed, progress=progress)
-    check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
-    student = load(model)
-    tokenizer = load_tokenizer(model)
-    if tokenizer is None:
-        raise T2RError(f"{model!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
-    blocks = load_training_data(data, tokenizer, block_size)
-    started = time.perf_counter()
-    summary = attention_transfer(student, blocks, out, config, tokenizer=tokenizer, attn_ce=attn_ce,
-                                 settings={"model": str(Path(model).resolve()), "data": data},
-                                 resume=resume, overwrite=overwrite)
-    return {"model": model, "data": data, "stage": "distill", **summary,
-            "wall_seconds": round(time.perf_counter() - started, 2)}
-
-
-def _eval_line(name: str, e: dict | None) -> str:
-    if not e:
-        return f"{name}: -"
-    extra = f", transfer mse {e['transfer_mse']:.4g}" if "transfer_mse" in e else ""
-    return f"{name}: held-out ppl {e['ppl']:.2f}{extra}"
-
-
-def render_distill(r: dict) -> str:
-    """Human-readable text for `t2r distill`."""
-    lines = [f"distilled {r['model']} on {r['data']} -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
-             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))",
-             _eval_line("before", r.get("eval_before")), _eval_line("after ", r.get("eval_after"))]
-    return "\n".join(lines)

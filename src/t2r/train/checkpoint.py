@@ -1,4 +1,4 @@
-"""The run directory of a training run (`t2r.train`) and its checkpoints: checks, a lock, atomic writes, exact resume.
+"""The run directory of a training run (`t2r.train.trainer`) and its checkpoints: checks, a lock, atomic writes, exact resume.
 
 The run directory OUT:
     metrics.jsonl           one JSON record per optimizer step ("train") and per evaluation ("eval")
@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import T2RError
+from ..errors import T2RError
+from ..io import replace_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +79,12 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop records a crashed run wrote after its last checkpoint (the resumed run writes them again)."""
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 class RunLock:
@@ -169,7 +162,7 @@ def _set_rng(tensors: dict) -> None:
 def save_checkpoint(accelerator, out: Path, named: list[tuple[str, nn.Parameter]], optimizer, scheduler,
                     state: dict) -> None:
     """Write OUT/checkpoint atomically: everything into .checkpoint.partial, then swap it into place."""
-    partial, final, old = out / f".{CHECKPOINT}.partial", out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    partial, final = out / f".{CHECKPOINT}.partial", out / CHECKPOINT
     main = accelerator.is_main_process
     if main:
         shutil.rmtree(partial, ignore_errors=True)
@@ -181,15 +174,11 @@ def save_checkpoint(accelerator, out: Path, named: list[tuple[str, nn.Parameter]
         save_file({n: p.detach().contiguous().cpu() for n, p in named}, str(partial / "trainable.safetensors"))
         save_file(opt_tensors, str(partial / "optimizer.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        _write_json(partial / "state.json", {**state, "scheduler": sched, "optimizer": opt_rest,
+        write_json(partial / "state.json", {**state, "scheduler": sched, "optimizer": opt_rest,
                                              "trainable": [n for n, _ in named]})
     accelerator.wait_for_everyone()
     if main:
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(partial, final)
     accelerator.wait_for_everyone()
 
 

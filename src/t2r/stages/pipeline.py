@@ -28,7 +28,6 @@ distils from it instead of from the unfinetuned original, so that KD pulls the R
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,9 +35,22 @@ from pathlib import Path
 
 import torch
 
-from .errors import T2RError
-from .recipe import INITS
-from .units import fmt_bytes
+from ..adapters import adapter_for, cache_bytes
+from ..convert import convert, keep_softmax, reinitialize
+from ..data import prepare_data
+from ..decode import decode
+from ..errors import T2RError
+from ..evaluate import cached_perplexity, model_fingerprint
+from ..generate import new_cache, prepare_tokenizer
+from ..io import write_json, write_text
+from ..persistence import load, save
+from ..recipe import INITS
+from ..sources import load_model
+from ..train import TrainConfig, parse_tokens
+from ..transfer import layer_errors
+from ..units import fmt_bytes
+from .distill import attention_transfer
+from .finetune import finetune_model, frozen
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +113,7 @@ class PipelineRecipe:
 
 def shipped_recipes() -> dict[str, Path]:
     """The recipes that ship with t2r (src/t2r/recipes/*.yaml), by name."""
-    return {p.stem: p for p in sorted((Path(__file__).parent / "recipes").glob("*.yaml"))}
+    return {p.stem: p for p in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))}
 
 
 def parse_keep_softmax(spec, num_layers: int) -> tuple[str, int | list[int]]:
@@ -129,7 +141,6 @@ def worst_layers(errors: list[float], n: int) -> list[int]:
 
 
 def _train_config(settings: dict, default_lr: float):
-    from .train import TrainConfig, parse_tokens
 
     kw = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
     kw.setdefault("lr", default_lr)
@@ -139,8 +150,6 @@ def _train_config(settings: dict, default_lr: float):
 
 
 def _evaluate(model, tokenizer, recipe: PipelineRecipe) -> dict:
-    from .data import prepare_data
-    from .evaluate import cached_perplexity, model_fingerprint
 
     cfg = recipe.eval
     sets = cfg.get("data", ["austen"])
@@ -161,9 +170,6 @@ def _done(stage_dir: Path) -> bool:
 
 def _speed(model, tokenizer, recipe: PipelineRecipe) -> dict:
     """Generated text, decode ms/token (lean loop) and cache bytes after the prompt + new tokens."""
-    from .adapters import cache_bytes
-    from .decode import decode
-    from .generate import new_cache, prepare_tokenizer
 
     cfg = recipe.generate
     prepare_tokenizer(tokenizer)
@@ -182,12 +188,6 @@ def _speed(model, tokenizer, recipe: PipelineRecipe) -> dict:
 
 def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     """Run every stage of `recipe` into `out`; returns the results (also written to OUT/pipeline.json + report.md)."""
-    from .adapters import adapter_for
-    from .convert import convert, keep_softmax, reinitialize
-    from .data import prepare_data
-    from .distill import attention_transfer, layer_errors
-    from .persistence import load, save
-    from .sources import load_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,14 +252,13 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
 
     results["final_model"] = str(final_dir)
     results["generation"] = {"teacher": _speed(teacher, tokenizer, recipe), "student": _speed(student, tokenizer, recipe)}
-    (out / "pipeline.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "report.md").write_text(report_markdown(results))
+    write_json(out / "pipeline.json", results, default=str)
+    write_text(out / "report.md", report_markdown(results))
     return results
 
 
 def _finetune_stage(model, settings: dict, blocks, stage_dir: Path, tokenizer, teacher=None) -> None:
     """Finetune `model` by a recipe's finetune settings into `stage_dir` (resuming its checkpoint if there is one)."""
-    from .finetune import finetune_model
 
     lora = int(settings.get("lora", 0))
     config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
@@ -270,8 +269,6 @@ def _finetune_stage(model, settings: dict, blocks, stage_dir: Path, tokenizer, t
 
 def _finetuned_teacher(recipe: PipelineRecipe, teacher, tokenizer, blocks, stage_dir: Path):
     """The original model finetuned by `recipe.teacher_finetune` (LM loss only) in `stage_dir`, loaded, frozen."""
-    from .finetune import frozen
-    from .sources import load_model
 
     if not _done(stage_dir):
         _finetune_stage(copy.deepcopy(teacher), recipe.teacher_finetune, blocks, stage_dir, tokenizer)
@@ -313,19 +310,3 @@ def report_markdown(results: dict) -> str:
               f"({fmt_bytes(int(per_token * 32768))} at 32,768 tokens); the student's linear layers keep a fixed "
               "state whatever the length (a window adds a fixed number of tokens, a softmax layer still grows)."]
     return "\n".join(lines) + "\n"
-
-
-def pipeline(*, config: str, out: str | None = None, json: bool = False) -> dict:
-    """Run a recipe end to end: convert, attention transfer, softmax layers, finetune, evaluate, export, report.
-
-    Args:
-        config: YAML recipe file, or the name of a shipped one: t2r-paper, random-init-baseline, t2r-transfer, hedgehog-transfer, hybrid-window-auto, demo.
-        out: run directory (default: runs/<recipe name>); rerunning skips finished stages and resumes the rest.
-        json: print the results as JSON.
-    """
-    recipe = PipelineRecipe.from_file(config)
-    return run_pipeline(recipe, out or f"runs/{recipe.name}")
-
-
-def render_pipeline(r: dict) -> str:
-    return report_markdown(r) + f"\n(report: {r['out']}/report.md)"

@@ -1,4 +1,4 @@
-"""`t2r <command>`: each command is a plain typed function in `t2r.commands`; its signature and docstring are the
+"""`t2r <command>`: each command is a plain typed function in `t2r.cli` (models.py, training.py, evaluation.py); its signature and docstring are the
 command line (positional parameters become arguments, keyword-only ones `--flags`, `Args:` lines their help)."""
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import sys
 import types
 import typing
 
-from . import commands
-from .errors import T2RError
+from ..errors import T2RError
+from .evaluation import bench, eval, lm_eval
+from .models import convert, generate, verify
+from .render import render
+from .training import data, demo, distill, finetune, pipeline
 
 EXIT_USAGE = 2
+COMMANDS = [convert, generate, verify, data, distill, finetune, eval, lm_eval, pipeline, bench, demo]
 
 
 def _param_help(doc: str) -> dict[str, str]:
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2r", description="Turn a pretrained transformer LM into an RNN.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for fn in commands.COMMANDS:
+    for fn in COMMANDS:
         _add_command(sub, fn)
     return parser
 
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2r {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
     if not follower:
-        print(json.dumps(result, indent=2) if kwargs.get("json") else commands.render(args.command, result))
+        print(json.dumps(result, indent=2) if kwargs.get("json") else render(args.command, result))
     return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
 
 

@@ -1,22 +1,21 @@
-"""The command-line commands as plain typed functions (see `t2r.cli`). Each returns a JSON-able dict; `render`
-turns it into the human-readable text the CLI prints."""
+"""Commands that make and use a converted model: `t2r convert`, `t2r generate`, `t2r verify`."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from .bench import bench, render_bench
-from .distill import distill, render_distill
-from .errors import T2RError
-from .evaluate import eval, render_eval  # noqa: A004  (the command is `t2r eval`)
-from .finetune import finetune, render_finetune
-from .lm_eval_bridge import lm_eval, render_lm_eval
-from .pipeline import pipeline, render_pipeline
-from .recipe import INITS
-from .units import fmt_bytes
+from ..convert import convert as run_convert
+from ..convert import count_linear_layers, reinitialize
+from ..errors import T2RError
+from ..generate import generate as run_generate
+from ..persistence import load, load_tokenizer, save
+from ..recipe import INITS
+from ..sources import load_model
+from ..verify import verify as run_verify
 
 log = logging.getLogger("t2r")
+
 
 DEMO_PROMPT = "It is a truth universally acknowledged"
 
@@ -48,9 +47,6 @@ def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str
         overwrite: replace --out if it already holds a t2r model.
         json: print the result as JSON.
     """
-    from .convert import convert as run_convert, count_linear_layers, reinitialize
-    from .persistence import save
-    from .sources import load_model
 
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
@@ -72,7 +68,6 @@ def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str
 
 
 def _load_converted(path: str):
-    from .persistence import load, load_tokenizer
 
     log.info("loading %s", path)
     model = load(path)
@@ -95,7 +90,6 @@ def generate(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64,
         seed: random seed for sampling.
         json: print the result as JSON.
     """
-    from .generate import generate as run_generate
 
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
@@ -118,67 +112,8 @@ def verify(model: str, *, tokens: int = 100, prefill: int = 67, json: bool = Fal
         prefill: tokens processed in one chunked call before token-by-token decoding.
         json: print the report as JSON.
     """
-    from .verify import verify as run_verify
 
     hf_model, _ = _load_converted(model)
     report = run_verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
     return report
-
-
-def data(source: str, *, out: str, model: str | None = None, block_size: int = 512, json: bool = False) -> dict:
-    """Build a tokenized corpus (train / held-out blocks) from text files, a directory, jsonl or a built-in corpus.
-
-    Args:
-        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix.
-        out: directory to write train.safetensors, heldout.safetensors and meta.json to.
-        model: model whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct).
-        block_size: tokens per block.
-        json: print the summary as JSON.
-    """
-    from .data import data_command
-
-    return data_command(source, out, model=model, block_size=block_size)
-
-
-def demo(*, out: str = "runs/demo", json: bool = False) -> dict:
-    """A short pipeline on the embedded default model: convert (Hedgehog map + 64-token softmax window), a brief
-    attention transfer on Jane Austen, then the teacher-vs-RNN perplexity table, text from both, decode speed and
-    cache sizes. Rerunning reuses the finished stages in --out.
-
-    Args:
-        out: run directory.
-        json: print the results as JSON.
-    """
-    from .pipeline import PipelineRecipe, run_pipeline
-
-    return run_pipeline(PipelineRecipe.from_file("demo"), out)
-
-
-def render(command: str, r: dict) -> str:
-    """Human-readable text for a command's result."""
-    if command in RENDERERS:
-        return RENDERERS[command](r)
-    if command == "convert":
-        rec = r["recipe"]
-        return (f"converted {r['source']} -> {r['out']}: {r['linear_layers']} linear attention layers "
-                f"({rec['feature_map']}, feature_dim={rec['feature_dim']}, window={rec['window']}, "
-                f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
-                f"{r['seconds']} s")
-    if command == "generate":
-        return (f"{r['prompt']}{r['text']}\n\n[{r['new_tokens']} tokens in {r['seconds']} s, "
-                f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")
-    if command == "verify":
-        lines = [f"{k}: {v:.3g}" for k, v in r.items() if "max_rel_err" in k]
-        bounds = f"tolerance {r['tolerance']} in {r['dtype']}" + (
-            f", {r['exact_tolerance']} in float64" if "exact_tolerance" in r else "")
-        return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
-    if command == "data":
-        return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "
-                f"tokens in blocks of {r['block_size']}")
-    return str(r)
-
-
-RENDERERS = {"eval": render_eval, "lm-eval": render_lm_eval, "pipeline": render_pipeline, "demo": render_pipeline,
-             "bench": render_bench, "distill": render_distill, "finetune": render_finetune}
-COMMANDS = [convert, generate, verify, data, distill, finetune, eval, lm_eval, pipeline, bench, demo]

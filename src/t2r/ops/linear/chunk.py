@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import LinearState
+from ..common import LinearState
 
 
 def pad_time(x: torch.Tensor, n: int) -> torch.Tensor:

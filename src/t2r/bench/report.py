@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import T2RError
-from .units import fmt_bytes
+from ..errors import T2RError
+from ..units import fmt_bytes
 
 MODELS = ("original", "converted")
 

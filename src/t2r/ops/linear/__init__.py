@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..common import LinearState, acc, check_mode, check_rank4, check_same_last, check_state, guard
 from .chunk import linear_attention_chunk_terms
-from .common import LinearState, acc, check_mode, check_rank4, check_same_last, check_state, guard
+from .naive import linear_attention_noncausal_terms, linear_attention_quadratic_terms
 from .recurrent import linear_attention_recurrent_terms
-from .reference import linear_attention_noncausal_terms, linear_attention_quadratic_terms
 
 
 def _check_inputs(phi_q, phi_k, v, initial_state, mode, chunk_size) -> None:

@@ -11,9 +11,7 @@ code here beyond giving each process its share of every batch.
 
 The run directory OUT and its checkpoints: see `t2r.checkpoint`.
 
-Data order: epoch e visits the train blocks in `torch.randperm(N, generator=seed + e)` order; optimizer step s,
-micro-batch m, process r reads stream positions ((s * accum + m) * world + r) * B ... + B. The position is a function
-of the step, so resuming at step s with the same settings replays exactly what an uninterrupted run would have read.
+Data order: see `t2r.train.config`.
 """
 
 from __future__ import annotations
@@ -22,93 +20,36 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .checkpoint import (CHECKPOINT, METRICS, SUMMARY, RunLock, TrainError, _truncate_metrics, _write_json,
-                         check_run_dir, load_checkpoint, save_checkpoint)
+from ..io import write_json
+from .checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    SUMMARY,
+    RunLock,
+    TrainError,
+    check_run_dir,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
+from .config import BlockStream, TrainConfig, lr_factor
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
 
 class NonFiniteLossError(TrainError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def parse_tokens(spec: str | int) -> int:
-    """A token budget: 300000, "300k", "1M", "1.5m", "2e5" -> int > 0."""
-    if isinstance(spec, bool):
-        raise TrainError(f"--tokens takes a number of tokens like 300k or 1M, got {spec!r}")
-    if isinstance(spec, int):
-        value = spec
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmbg]?)\s*(?:tokens?)?\s*", str(spec).lower())
-        if not m:
-            raise TrainError(f"--tokens takes a number of tokens like 300000, 300k or 1M, got {spec!r}")
-        value = round(float(m[1]) * _UNITS[m[2]])
-    if value <= 0:
-        raise TrainError(f"the token budget must be positive, got {spec!r}: nothing would be trained")
-    return value
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings of one run. `steps` (optimizer steps) wins over `tokens` when set; a token budget is
-    rounded up to whole steps of batch_size * grad_accum * processes * block_size tokens. `warmup` < 1 is a fraction
-    of the steps, >= 1 a number of steps; the cosine decays to `min_lr` times `lr`."""
-
-    lr: float
-    tokens: int | None = None
-    steps: int | None = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    warmup: float = 0.05
-    min_lr: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 100
-    eval_blocks: int = 16
-    checkpoint_every: int = 100
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "eval_blocks": self.eval_blocks}
-        for name, value in positive.items():
-            if not value > 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {value!r}")
-        if self.steps is None and self.tokens is None:
-            raise TrainError("give a budget: tokens or steps")
-        if self.steps is not None and self.steps <= 0:
-            raise TrainError(f"--steps must be positive, got {self.steps}: nothing would be trained")
-        if self.tokens is not None and self.tokens <= 0:
-            raise TrainError(f"the token budget must be positive, got {self.tokens}: nothing would be trained")
-        for name in ("warmup", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.min_lr <= 1:
-            raise TrainError(f"min_lr is a fraction of lr in [0, 1], got {self.min_lr!r}")
-
-    def total_steps(self, tokens_per_step: int) -> int:
-        return self.steps if self.steps is not None else max(1, math.ceil(self.tokens / tokens_per_step))
-
-    def resume_settings(self) -> dict:
-        """What must match for a resumed run to end where the uninterrupted one would (progress/eval may change)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("progress", "eval_every", "eval_blocks",
-                                                                    "checkpoint_every")}
 
 
 class Task:
@@ -125,33 +66,6 @@ class Task:
     def export(self, module: nn.Module, out: Path) -> None:
         """Write the final model to the empty directory `out` (with `t2r.save` or `save_pretrained`)."""
         raise NotImplementedError
-
-
-def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
-    """The multiplier of lr for optimizer step `step` (0-based): linear warmup, then cosine to `min_lr`."""
-    warm = round(warmup) if warmup >= 1 else math.ceil(warmup * total)
-    if step < warm:
-        return (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class BlockStream:
-    """Train blocks in a fresh seeded permutation each epoch: stream position -> block index."""
-
-    def __init__(self, num_blocks: int, seed: int) -> None:
-        self.num_blocks, self.seed = num_blocks, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        out = []
-        for p in range(start, start + count):
-            epoch, i = divmod(p, self.num_blocks)
-            if epoch not in self._perms:
-                self._perms = {epoch: torch.randperm(self.num_blocks,
-                                                     generator=torch.Generator().manual_seed(self.seed + epoch))}
-            out.append(self._perms[epoch][i])
-        return torch.stack(out)
 
 
 def make_accelerator():
@@ -281,7 +195,7 @@ class Trainer:
         self.step = self.checkpoint_step = state["step"]
         self.eval_before = state.get("eval_before")
         if self.accelerator.is_main_process:
-            _truncate_metrics(self.out / METRICS, self.step)
+            truncate_metrics(self.out / METRICS, self.step)
         log.info("resuming %s at step %d of %d", self.out, self.step, self.total_steps)
 
     def run(self, on_step: Callback | None = None) -> dict:
@@ -425,7 +339,7 @@ class Trainer:
                    "eval_before": self.eval_before, "eval_after": eval_after}
         if acc.is_main_process:
             self._export()
-            _write_json(self.out / SUMMARY, summary)
+            write_json(self.out / SUMMARY, summary)
             for name in (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.partial"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
             if self.tensorboard is not None:

@@ -1,0 +1,102 @@
+"""Human-readable text for each command's result (the JSON result is what `--json` prints)."""
+
+from __future__ import annotations
+
+from ..bench import render_bench
+from ..stages.pipeline import report_markdown
+from ..units import fmt_bytes
+
+
+def _eval_line(name: str, e: dict | None) -> str:
+    if not e:
+        return f"{name}: -"
+    extra = f", transfer mse {e['transfer_mse']:.4g}" if "transfer_mse" in e else ""
+    return f"{name}: held-out ppl {e['ppl']:.2f}{extra}"
+
+
+def render_distill(r: dict) -> str:
+    """Human-readable text for `t2r distill`."""
+    lines = [f"distilled {r['model']} on {r['data']} -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
+             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))",
+             _eval_line("before", r.get("eval_before")), _eval_line("after ", r.get("eval_after"))]
+    return "\n".join(lines)
+
+
+def render_finetune(r: dict) -> str:
+    """Human-readable text for `t2r finetune`."""
+    how = f"LoRA rank {r['lora']} (merged)" if r["lora"] else "full finetuning"
+    if r["kd"]:
+        how += f" + KD {r['kd']}"
+    before, after = r.get("eval_before") or {}, r.get("eval_after") or {}
+    fmt = lambda e: f"{e['ppl']:.2f}" if e else "-"  # noqa: E731
+    return (f"finetuned {r['model']} on {r['data']} ({how}) -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
+            f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))\n"
+            f"held-out perplexity: before {fmt(before)}, after {fmt(after)}")
+
+
+def render_pipeline(r: dict) -> str:
+    return report_markdown(r) + f"\n(report: {r['out']}/report.md)"
+
+
+def render_eval(r: dict) -> str:
+    """The table `t2r eval` prints."""
+    rows = [name for name in ("teacher", "student") if name in r]
+    where = (f"{r['text']} ({r['documents']} documents), lm-eval rolling windows of {r['context']} tokens"
+             if "text" in r else
+             f"{r['data']} {r['split']}: {r['blocks']} blocks of {r['block_size']}, windows of {r['context']} tokens")
+    label = {"teacher": "original", "student": "converted"}
+    lines = [f"{r['model']} on {where}"]
+    if "text" in r:
+        lines.append(f"{'':10} {'word ppl':>10} {'byte ppl':>9} {'bits/byte':>9} {'token ppl':>10} {'tokens':>8}")
+        for name in rows:
+            m = r[name]
+            lines.append(f"{label[name]:10} {m['word_perplexity']:10.3f} {m['byte_perplexity']:9.4f} "
+                         f"{m['bits_per_byte']:9.4f} {m['ppl']:10.3f} {m['tokens']:8d}")
+    else:
+        lines.append(f"{'':10} {'perplexity':>10} {'nll':>7} {'bits/byte':>9} {'tokens':>8}")
+        for name in rows:
+            m = r[name]
+            bpb = f"{m['bits_per_byte']:9.4f}" if "bits_per_byte" in m else f"{'-':>9}"
+            lines.append(f"{label[name]:10} {m['ppl']:10.3f} {m['nll']:7.4f} {bpb} {m['tokens']:8d}")
+    if "ratio" in r:
+        lines.append(f"converted / original perplexity: {r['ratio']:.3f}")
+    lines.append(f"[{r['seconds']} s]")
+    return "\n".join(lines)
+
+
+def render_lm_eval(r: dict) -> str:
+    """The lines `t2r lm-eval` prints."""
+    lines = [f"lm-eval {r['lm_eval_version']}: {r['model']} ({r['which']} model), max_length {r['context']}"
+             + (f", text {r['text']}" if r.get("text") else "")]
+    for task, metrics in r["results"].items():
+        lines += [f"{task}:"] + [f"  {name:16} {value:.6g}" for name, value in sorted(metrics.items())]
+    lines.append(f"[{r['seconds']} s]")
+    return "\n".join(lines)
+
+
+def render(command: str, r: dict) -> str:
+    """Human-readable text for a command's result."""
+    if command in RENDERERS:
+        return RENDERERS[command](r)
+    if command == "convert":
+        rec = r["recipe"]
+        return (f"converted {r['source']} -> {r['out']}: {r['linear_layers']} linear attention layers "
+                f"({rec['feature_map']}, feature_dim={rec['feature_dim']}, window={rec['window']}, "
+                f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
+                f"{r['seconds']} s")
+    if command == "generate":
+        return (f"{r['prompt']}{r['text']}\n\n[{r['new_tokens']} tokens in {r['seconds']} s, "
+                f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")
+    if command == "verify":
+        lines = [f"{k}: {v:.3g}" for k, v in r.items() if "max_rel_err" in k]
+        bounds = f"tolerance {r['tolerance']} in {r['dtype']}" + (
+            f", {r['exact_tolerance']} in float64" if "exact_tolerance" in r else "")
+        return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
+    if command == "data":
+        return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "
+                f"tokens in blocks of {r['block_size']}")
+    return str(r)
+
+
+RENDERERS = {"eval": render_eval, "lm-eval": render_lm_eval, "pipeline": render_pipeline, "demo": render_pipeline,
+             "bench": render_bench, "distill": render_distill, "finetune": render_finetune}

@@ -1,0 +1,146 @@
+"""Stage 2, finetuning: the whole model (the T2R paper's recipe) or LoRA adapters via `peft`, with the language-model
+loss and optionally a KL term to a teacher's next-token distribution.
+
+    loss = CE(student logits, next tokens) + kd * KL(teacher || student)
+
+LoRA (`lora` = rank > 0) adapts the q/k/v/o projections by default (`lora_modules` picks others) and keeps the
+feature maps (and window mixing factors) trainable too; the adapters are merged into the weights when the final model
+is exported, so OUT holds a plain t2r model that `t2r.load` reads. The teacher is the original softmax model rebuilt
+from the student's starting weights (`t2r.adapters.original_model`), or another model with the same tokenizer.
+A model that was never converted can be finetuned too (a baseline: the teacher finetuned on the same tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import is_converted, original_model
+from ..errors import T2RError
+from ..evaluate import perplexity
+from ..lora import apply_lora
+from ..persistence import is_t2r_dir, load, load_tokenizer, save
+from ..sources import load_model
+from ..train import Task, TrainConfig, train
+from ..transfer import follow_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LR = {"lora": 2e-4, "full": 3e-5}
+
+
+class LanguageModeling(nn.Module):
+    """forward(input_ids [B, T]) -> {"loss", "lm_loss", ("kl")}: next-token CE of the student, plus `kd` times
+    KL(teacher || student). The teacher is not a submodule (no gradients, not seen by optimizers or DDP)."""
+
+    def __init__(self, student: nn.Module, *, teacher: nn.Module | None = None, kd: float = 0.0) -> None:
+        super().__init__()
+        self.student, self.kd = student, kd
+        object.__setattr__(self, "teacher", teacher)
+
+    def train(self, mode: bool = True) -> "LanguageModeling":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor) -> dict:
+        logits = self.student(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        labels = input_ids[:, 1:]  # (B, T-1)
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        out = {"loss": lm, "lm_loss": lm.detach()}
+        if self.kd:
+            follow_device(self.teacher, input_ids.device)
+            with torch.no_grad():
+                target = self.teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
+                          reduction="none").sum(-1).mean()
+            out.update(loss=lm + self.kd * kl, kl=kl.detach())
+        return out
+
+
+class FinetuneTask(Task):
+    def __init__(self, module: LanguageModeling, tokenizer=None, *, merge_lora: bool = False) -> None:
+        self.module, self.tokenizer, self.merge_lora = module, tokenizer, merge_lora
+
+    def evaluate(self, module: LanguageModeling, heldout: torch.Tensor) -> dict:
+
+        result = perplexity(module.student, heldout, batch_size=1)
+        return {"ppl": result["ppl"], "nll": result["nll"]}
+
+    def export(self, module: LanguageModeling, out: Path) -> None:
+
+        model = module.student.merge_and_unload() if self.merge_lora else module.student
+        save(model, out, self.tokenizer)
+
+
+def default_teacher(student: nn.Module) -> nn.Module:
+    """The original softmax model of a converted student (its starting weights); a frozen copy of a plain one."""
+
+    return frozen(original_model(student) if is_converted(student) else copy.deepcopy(student))
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring gradients (a teacher)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
+    """Knowledge distillation compares distributions over the same token ids: the vocabularies must be equal."""
+    if student_tokenizer is None or teacher_tokenizer is None:
+        raise T2RError(f"cannot compare the tokenizers of the student and the teacher {teacher!r}: one has no "
+                       "tokenizer files")
+    a, b = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if a != b:
+        differ = sum(1 for t in set(a) | set(b) if a.get(t) != b.get(t))
+        raise T2RError(f"the teacher {teacher!r} uses another tokenizer than the student ({len(b)} vs {len(a)} "
+                       f"tokens, {differ} differ): distillation needs the same vocabulary; pick a teacher from the "
+                       "same model family, or leave --teacher out to use the student's own original model")
+
+
+def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainConfig, *, tokenizer=None,
+                   lora: int = 0, lora_modules: str = "", kd: float = 0.0, teacher: nn.Module | None = None,
+                   settings: dict | None = None, resume: bool = False, overwrite: bool = False,
+                   on_step=None) -> dict:
+    """Stage 2 on a loaded model (changed in place; with LoRA, adapters are injected into it). The final model
+    (LoRA merged) is saved to `out`. Returns the run summary (see `t2r.train.Trainer`)."""
+    if isinstance(lora, bool) or not isinstance(lora, int) or lora < 0:
+        raise T2RError(f"--lora is a LoRA rank >= 0 (0: full finetuning), got {lora!r}")
+    if kd < 0:
+        raise T2RError(f"--kd is a loss weight >= 0, got {kd}")
+    if kd and teacher is None:
+        teacher = default_teacher(student)
+    if teacher is not None:
+        s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+        if s != t:
+            raise T2RError(f"the teacher predicts {t} tokens, the student {s}: distillation needs the same vocabulary")
+    torch.manual_seed(config.seed)  # LoRA's initial weights
+    if lora:
+        model = apply_lora(student, lora, lora_modules)
+    else:
+        model = student
+        for param in model.parameters():
+            param.requires_grad_(True)
+    task = FinetuneTask(LanguageModeling(model, teacher=teacher if kd else None, kd=kd), tokenizer,
+                        merge_lora=bool(lora))
+    settings = {"stage": "finetune", "lora": lora, "lora_modules": lora_modules, "kd": kd, **(settings or {})}
+    return train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite, on_step=on_step)
+
+
+def load_student(model: str):
+    """(model, tokenizer): a converted directory with `t2r.load`, anything else through `t2r.sources`."""
+
+    if Path(model).is_dir() and is_t2r_dir(Path(model)):
+        student, tokenizer = load(model), load_tokenizer(model)
+    else:
+        student, tokenizer, _ = load_model(model)
+    if tokenizer is None:
+        raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
+    return student, tokenizer
