@@ -1,8 +1,9 @@
-"""The linear attention layer, independent of any model family.
+"""The linear attention layer, independent of any model family: a feature map (`t2r.feature_maps`) plus a mixer
+(`t2r.mixers`), both built from the recipe.
 
-`LinearAttention` owns what the conversion adds (the feature map and, with a window, the per-head window mixing
-factors) and the attention computation itself. An adapter subclass (see `t2r.adapters`) reuses the pretrained q/k/v/o
-projections of the module it replaces, applies the model's own positions, and calls `attend`.
+`LinearAttention` owns what the conversion adds (the feature map and the mixer with its parameters) and runs the
+attention computation. An adapter subclass (see `t2r.adapters`) reuses the pretrained q/k/v/o projections of the
+module it replaces, applies the model's own positions, and calls `attend`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ import torch
 from torch import nn
 
 from .feature_maps import build_feature_map
-from .ops import linear_attention, sliding_window_linear_attention
+from .mixers import build_mixer
+from .ops import MODES
 from .recipe import Recipe
 
-MODES = ("chunk", "recurrent", "quadratic")
+CONVERSION_PARAMETERS = (".feature_map.", ".mixer.")  # what a conversion adds to a model, by parameter name
+
+
+def is_conversion_parameter(name: str) -> bool:
+    """True for the parameters the conversion added (feature maps, mixer parameters such as window factors or gates):
+    what attention transfer trains, and what the original model does not have."""
+    return any(part in f".{name}" for part in CONVERSION_PARAMETERS)
 
 
 def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -48,9 +56,7 @@ class LinearAttention(nn.Module):
         if recipe.tie_qk is not None:
             options["tie_qk"] = recipe.tie_qk
         self.feature_map = build_feature_map(recipe.feature_map, num_heads, head_dim, recipe.feature_dim, **options)
-        if recipe.window:
-            # sigmoid(0) = 0.5: softmax window and linear part start with equal weight (LoLCATs)
-            self.window_logit = nn.Parameter(torch.zeros(num_heads))
+        self.mixer = build_mixer(recipe, num_heads=num_heads, scale=scale)
 
     def qkv(self, hidden_states: torch.Tensor, position_embeddings=None):
         """The pretrained projections with the model's positions: q [B, T, H, D], k, v [B, T, Hkv, D]."""
@@ -68,20 +74,12 @@ class LinearAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         k, v = repeat_heads(k, groups), repeat_heads(v, groups)  # (B, T, H, D)
         phi_q, phi_k = self.feature_map(q, k)  # (B, T, H, F) float32
-        if key_mask is not None:
-            phi_k = phi_k * key_mask[:, :, None, None].to(phi_k.dtype)  # padding adds nothing to the state
         state = None if slot is None else slot.state
         mode = mode or ("recurrent" if q.shape[1] == 1 and state is not None else "chunk")
         if mode not in MODES:
             raise ValueError(f"unknown linear attention mode {mode!r}; known: {', '.join(MODES)}")
-        common = dict(chunk_size=self.recipe.chunk_size, initial_state=state, output_final_state=slot is not None,
-                      eps=self.recipe.eps)
-        if self.recipe.window:
-            o, new_state = sliding_window_linear_attention(
-                q, k, v, phi_q, phi_k, window=self.recipe.window, window_factor=torch.sigmoid(self.window_logit),
-                scale=self.scale, key_mask=key_mask, mode=mode, **common)
-        else:
-            o, new_state = linear_attention(phi_q, phi_k, v, causal=True, mode=mode, **common)
+        o, new_state = self.mixer(q, k, v, phi_q, phi_k, key_mask=key_mask, state=state, mode=mode,
+                                  output_final_state=slot is not None)
         if slot is not None:
             slot.advance(new_state, q.shape[1])
         return o.to(v.dtype)  # (B, T, H, D)
@@ -89,4 +87,4 @@ class LinearAttention(nn.Module):
     def extra_repr(self) -> str:
         r = self.recipe
         return (f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"feature_map={r.feature_map}, window={r.window}")
+                f"feature_map={r.feature_map}, mixer={r.mixer}, window={r.window}")

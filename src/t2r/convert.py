@@ -12,27 +12,25 @@ from torch import nn
 
 from .adapters import adapter_for, is_converted, mark_converted, restore_softmax, swap_attention
 from .attention import LinearAttention
-from .errors import T2RError
+from .errors import RecipeError, T2RError
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 
-def convert(model: nn.Module, feature_map: str = "hedgehog", feature_dim: int | None = None, window: int = 0,
-            keep_softmax_layers: Iterable[int] = (), *, tie_qk: bool | None = None, chunk_size: int = 64,
-            eps: float = 1e-6, feature_map_options: dict | None = None, recipe: Recipe | None = None,
-            seed: int | None = 0) -> nn.Module:
+def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None = 0, **fields) -> nn.Module:
     """Convert `model` in place and return it: still the same HF model (a subclass of its class), every attention
     not listed in `keep_softmax_layers` replaced by linear attention that reuses the pretrained q/k/v/o projections.
     The recipe is recorded in `model.config.t2r`, so `save_pretrained` / `t2r.load` rebuild it.
 
-    `recipe` overrides the individual arguments. `seed` makes the new feature-map weights reproducible
-    (None: use the global RNG as it is)."""
+    Give a `Recipe`, or its fields as keywords (`feature_map="hedgehog", feature_dim=64, mixer="window", window=64,
+    keep_softmax_layers=(0, 15)`, ...; see `t2r.recipe.Recipe`), not both. `seed` makes the new feature-map and mixer
+    weights reproducible (None: use the global RNG as it is)."""
     if is_converted(model):
         raise T2RError("this model is already converted (its config has a t2r recipe)")
-    recipe = recipe or Recipe(feature_map=feature_map, feature_dim=feature_dim, window=window,
-                              keep_softmax_layers=tuple(keep_softmax_layers), tie_qk=tie_qk, chunk_size=chunk_size,
-                              eps=eps, feature_map_options=dict(feature_map_options or {}))
+    if recipe is not None and fields:
+        raise RecipeError(f"give a Recipe or recipe fields, not both (got recipe and {', '.join(sorted(fields))})")
+    recipe = recipe or Recipe.from_dict({k: v for k, v in fields.items() if v is not None})  # None: the default
     adapter = adapter_for(model)
     param = next(model.parameters())
     with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():

@@ -1,12 +1,14 @@
-"""The conversion recipe: what replaces softmax attention, stored in `model.config.t2r` so a saved model rebuilds itself."""
+"""The conversion recipe: what replaces softmax attention, stored in `model.config.t2r` so a saved model rebuilds
+itself."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import RecipeError
+from .mixers import MIXERS
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: `mixer` and `mixer_options` (a version-1 recipe means mixer = window if window else linear)
 INITS = ("pretrained", "random")  # where the weights of a model to convert come from (`t2r.convert.reinitialize`)
 
 
@@ -16,12 +18,17 @@ class Recipe:
 
     feature_map: registered feature map name (see `t2r.feature_maps.FEATURE_MAPS`).
     feature_dim: the map's feature size (None: the map's own default).
-    window: softmax window of the most recent `window` tokens beside the linear part (0: pure linear attention).
+    mixer: registered mixer name (see `t2r.mixers.MIXERS`): how feature-mapped queries and keys become the output,
+        e.g. "linear" (plain causal linear attention) or "window" (sliding softmax window + linear attention).
+        None: "window" if `window` else "linear".
+    window: softmax window of the most recent `window` tokens beside the linear part (0: pure linear attention);
+        the "window" mixer's size.
     keep_softmax_layers: layer indices that keep their original softmax attention.
     tie_qk: share one feature map between queries and keys (None: the map's own default).
     chunk_size: chunk length of the chunked parallel form used for training and prefill.
     eps: denominator guard of the linear attention normaliser.
     feature_map_options: extra keyword arguments of the feature map (e.g. {"seed": 0} for random features).
+    mixer_options: extra keyword arguments of the mixer.
     """
 
     feature_map: str = "hedgehog"
@@ -32,9 +39,13 @@ class Recipe:
     chunk_size: int = 64
     eps: float = 1e-6
     feature_map_options: dict = field(default_factory=dict)
+    mixer: str | None = None
+    mixer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_softmax_layers", tuple(sorted({int(i) for i in self.keep_softmax_layers})))
+        if self.mixer is None:
+            object.__setattr__(self, "mixer", "window" if self.window else "linear")
         if self.feature_dim is not None and (not isinstance(self.feature_dim, int) or self.feature_dim <= 0):
             raise RecipeError(f"feature_dim must be a positive integer, got {self.feature_dim!r}")
         if not isinstance(self.window, int) or self.window < 0:
@@ -45,6 +56,7 @@ class Recipe:
             raise RecipeError(f"keep_softmax_layers must be layer indices >= 0, got {self.keep_softmax_layers}")
         if not self.eps > 0:
             raise RecipeError(f"eps must be > 0, got {self.eps!r}")
+        MIXERS.get(self.mixer).check_recipe(self)  # an unknown name raises with the known ones
 
     def check_layers(self, num_layers: int) -> None:
         """Raise if a kept softmax layer does not exist in a model of `num_layers` layers."""

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import adapter_for, original_model
+from .adapters import ADAPTERS, adapter_for, original_model
+from .adapters.base import Adapter, base_model_type
 from .attention import LinearAttention, repeat_heads
 from .errors import T2RError
-from .ops.common import window_weights
 
 
 class _Captured(Exception):
@@ -58,29 +58,30 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return o.transpose(1, 2)  # (B, T, H, D)
 
 
-def attention_rows(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_rows(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor,
+                   adapter: Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax rows, linear attention rows) [B, H, T, T] of one layer on q [B, T, H, D], k [B, T, Hkv, D]: the
-    causal softmax attention weights, and the weights the linear (or window + linear) attention gives the same keys,
-    normalised to sum to 1. `rows @ v` is `attend`'s output (its quadratic twin)."""
-    B, T, H, _ = q.shape
+    layer's softmax attention weights (causal, within its window if it slides), and the weights its mixer gives the
+    same keys, normalised to sum to 1. `rows @ v` is `attend`'s output (its quadratic twin)."""
+    T, H = q.shape[1], q.shape[2]
     k = repeat_heads(k, H // k.shape[2])  # (B, T, H, D)
     scores = attn.scale * torch.einsum("bthd,bshd->bhts", q.float(), k.float())  # (B, H, T, T)
-    diff = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]  # (T, T)
-    softmax_rows = torch.softmax(scores.masked_fill(diff < 0, float("-inf")), dim=-1)  # (B, H, T, T)
+    visible = (adapter or adapter_for_module(attn)).visible_keys(attn, T, q.device)  # (T, T)
+    softmax_rows = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # (B, H, T, T)
     phi_q, phi_k = attn.feature_map(q, k)  # (B, T, H, F)
-    linear = torch.einsum("bthf,bshf->bhts", phi_q, phi_k)  # (B, H, T, T)
-    window = attn.recipe.window
-    if window:
-        f = torch.sigmoid(attn.window_logit).view(1, H, 1, 1)
-        weights = f * window_weights(scores, (diff >= 0) & (diff < window)) + (1 - f) * linear * (diff >= window)
-    else:
-        weights = linear * (diff >= 0)
+    weights = attn.mixer.weights(scores, phi_q, phi_k)  # (B, H, T, T)
     return softmax_rows, weights / (weights.sum(-1, keepdim=True) + attn.recipe.eps)  # (B, H, T, T) x 2
 
 
-def attention_rows_ce(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def adapter_for_module(attn: LinearAttention) -> Adapter:
+    """The adapter of the family a converted attention module came from (it keeps its model's config)."""
+    return ADAPTERS.get(base_model_type(attn.config))()
+
+
+def attention_rows_ce(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor,
+                      adapter: Adapter | None = None) -> torch.Tensor:
     """Hedgehog's loss: cross-entropy of the linear attention's rows under the softmax rows, mean over queries."""
-    target, rows = attention_rows(attn, q, k)
+    target, rows = attention_rows(attn, q, k, adapter)
     return -(target * torch.log(rows.clamp_min(1e-12))).sum(-1).mean()
 
 
@@ -96,7 +97,7 @@ class AttentionTransfer(nn.Module):
         self.student, self.attn_ce = student, attn_ce
         teacher = share_weights(original_model(student), student).eval()
         object.__setattr__(self, "teacher", teacher)  # not a submodule
-        adapter = adapter_for(student)
+        self.adapter = adapter = adapter_for(student)
         student_layers, teacher_layers = adapter.decoder_layers(student), adapter.decoder_layers(teacher)
         self.pairs = [(getattr(s, adapter.attention_attr), getattr(t, adapter.attention_attr))
                       for s, t in zip(student_layers, teacher_layers)
@@ -141,11 +142,11 @@ class AttentionTransfer(nn.Module):
         for (attn, _), (hidden, positions) in zip(self.pairs, self.capture(input_ids)):
             with torch.no_grad():
                 q, k, v = attn.qkv(hidden, positions)  # (B, T, H, D), (B, T, Hkv, D) x 2
-                target = softmax_attention(q, k, v, attn.scale).float()  # (B, T, H, D)
+                target = self.adapter.softmax_reference(attn, q, k, v).float()  # (B, T, H, D)
             pred = attn.attend(q, k, v, mode="chunk").float()  # (B, T, H, D)
             mses.append((pred - target).pow(2).mean() / target.var().clamp_min(1e-8))
             if self.attn_ce:
-                ces.append(attention_rows_ce(attn, q, k))
+                ces.append(attention_rows_ce(attn, q, k, self.adapter))
         mse = torch.stack(mses).mean()
         ce = torch.stack(ces).mean() if ces else mse.new_zeros(())
         errors = torch.zeros(self.num_layers, device=mse.device)

@@ -1,25 +1,45 @@
-"""What every adapter provides, the adapter registry, and the helpers shared by all families."""
+"""What every adapter provides, the adapter registry, and the helpers shared by all families.
+
+An adapter declares everything t2r needs to know about one model family, and nothing outside this folder knows it:
+its HF model types and classes, where the attention modules are and how to replace one (and put softmax back), which
+layers attend over a sliding window, the softmax attention that attention transfer imitates, the modules LoRA adapts,
+and how a KV cache is extended for the speed benchmark. A new family is one file here (plus its tests).
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..attention import LinearAttention
+from ..attention import LinearAttention, repeat_heads
 from ..errors import ModelSourceError, UnsupportedModelError
 from ..recipe import Recipe
-from .cache import recurrent_slot
+from ..registry import Registry
+from .cache import extend_kv_cache, recurrent_slot
+
+
+class HFClasses(NamedTuple):
+    """The names of a family's classes in `transformers`."""
+
+    config: str  # e.g. "LlamaConfig"
+    causal_lm: str  # e.g. "LlamaForCausalLM"
+    attention: str  # e.g. "LlamaAttention"
+    module: str  # the modeling module, e.g. "transformers.models.llama.modeling_llama"
 
 
 class Adapter:
-    """Knows one model family's internals: where the attention modules are and how to replace one.
-
-    Subclasses set `model_types` (HF `config.model_type` values), `attention_attr` (the attribute of a decoder layer
-    that holds its attention) and implement `decoder_layers` and `linear_attention`."""
+    """Knows one model family's internals. Subclasses set `families` (HF `config.model_type` -> its classes),
+    `attention_attr` (the attribute of a decoder layer that holds its attention), `lora_targets` (a regular
+    expression over module names) and implement `decoder_layers`, `linear_attention` and `softmax_attention`."""
 
     name: str = ""
-    model_types: tuple[str, ...] = ()
+    families: dict[str, HFClasses] = {}
     attention_attr: str = "self_attn"
+    lora_targets: str = ""
+    lora_fan_in_fan_out: bool = False  # peft's flag for Conv1D projections (GPT-2)
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
@@ -34,19 +54,49 @@ class Adapter:
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError for variants of the family this adapter cannot convert."""
 
+    def layer_windows(self, config) -> list[int | None]:
+        """Per decoder layer, the sliding window of its softmax attention (keys t - W < j <= t), or None for full
+        causal attention. The default: every layer full."""
+        return [None] * config.num_hidden_layers
 
-ADAPTERS: dict[str, Adapter] = {}
+    def softmax_reference(self, attn: LinearAttention, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor) -> torch.Tensor:
+        """The layer's own softmax attention on q [B, T, H, D], k, v [B, T, Hkv, D] (positions applied), before the
+        output projection: the target of attention transfer. Sliding-window layers attend over their window."""
+        groups = q.shape[2] // k.shape[2]
+        k, v = repeat_heads(k, groups), repeat_heads(v, groups)  # (B, T, H, D)
+        window = self.layer_windows(attn.config)[attn.layer_idx]
+        mask = None if window is None else reference_mask(q.shape[1], window, q.device)  # (T, T)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=mask is None, scale=attn.scale)  # (B, H, T, D)
+        return o.transpose(1, 2)  # (B, T, H, D)
+
+    def visible_keys(self, attn: LinearAttention, length: int, device=None) -> torch.Tensor:
+        """[T, T] bool: the keys each query of the layer's softmax attention sees (causal, within its window)."""
+        return reference_mask(length, self.layer_windows(attn.config)[attn.layer_idx], device)
+
+    def extend_cache(self, cache, length: int):
+        """A copy of a batch-1 `cache` made to hold `length` tokens (see `t2r.adapters.cache.extend_kv_cache`)."""
+        return extend_kv_cache(cache, length)
+
+
+def reference_mask(length: int, window: int | None, device=None) -> torch.Tensor:
+    """[T, T] bool: query t sees key j iff j <= t (and t - j < window when a window is given)."""
+    diff = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]  # (T, T)
+    return (diff >= 0) if window is None else (diff >= 0) & (diff < window)
+
+
+ADAPTERS = Registry("model family", UnsupportedModelError)
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    adapter = cls()
-    for model_type in cls.model_types:
-        ADAPTERS[model_type] = adapter
+    """Class decorator: register an adapter under each of its model types (the first is its name)."""
+    ADAPTERS.register(*cls.families)(cls)
     return cls
 
 
 def supported_model_types() -> list[str]:
-    return sorted(ADAPTERS)
+    return ADAPTERS.names()
 
 
 def base_model_type(config) -> str:
@@ -56,12 +106,13 @@ def base_model_type(config) -> str:
 
 
 def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of `model`'s family (checked against the model); unknown families are refused, never guessed."""
     model_type = base_model_type(getattr(model, "config", None))
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
+    if model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"no t2r adapter for model type {model_type!r} ({type(model).__name__}); "
             f"supported: {', '.join(supported_model_types())}")
+    adapter = ADAPTERS.get(model_type)()
     adapter.check(model)
     return adapter
 

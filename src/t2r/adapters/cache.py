@@ -7,6 +7,8 @@ ordinary growing `DynamicLayer`. Nothing here depends on the number of tokens se
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
@@ -132,3 +134,19 @@ def cache_bytes(cache: Cache | None) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def extend_kv_cache(cache: Cache, length: int) -> Cache:
+    """A copy of a batch-1 `cache` made to hold `length` tokens: softmax keys/values tiled along the sequence, recurrent
+    states kept as they are with their token count set to `length` (the cost of a decode step does not depend on what
+    the cached values are). The speed benchmark uses it where a real prefill of `length` tokens would take too long."""
+    with torch.inference_mode():
+        out = copy.deepcopy(cache)
+        for layer in out.layers:
+            if isinstance(layer, RecurrentLayer):
+                layer.seen_tokens = length
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                reps = -(-length // layer.keys.shape[-2])
+                layer.keys = layer.keys.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
+                layer.values = layer.values.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
+    return out

@@ -13,42 +13,55 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..attention import is_conversion_parameter
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
-from .base import adapter_for, base_model_type, swap_attention
+from .base import ADAPTERS, adapter_for, base_model_type, swap_attention
 
-# family model_type -> (config class name, causal LM class name) in transformers
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
-}
 CONVERTED_CLASSES: dict[str, tuple[type, type]] = {}
+# Models saved before mixers were modules (recipe version 1) keep the window factors as `...self_attn.window_logit`;
+# they now live in the mixer. `from_pretrained` renames the old keys (HF's public `key_mapping` argument).
+LEGACY_KEYS = {r"^(.*\.(?:self_attn|attn))\.window_logit$": r"\1.mixer.window_logit"}
+
+
+def hf_classes(family: str):
+    """The family's (config class, causal LM class) in transformers."""
+    classes = ADAPTERS.get(family).families[family]
+    return getattr(transformers, classes.config), getattr(transformers, classes.causal_lm)
 
 
 def _make_classes(family: str) -> tuple[type, type]:
-    config_name, model_name = FAMILIES[family]
-    base_config, base_model = getattr(transformers, config_name), getattr(transformers, model_name)
-    config_cls = type(f"T2R{config_name}", (base_config,), {"model_type": f"t2r_{family}", "__module__": __name__})
+    base_config, base_model = hf_classes(family)
+    config_cls = type(f"T2R{base_config.__name__}", (base_config,),
+                      {"model_type": f"t2r_{family}", "__module__": __name__})
 
     def __init__(self, config):
         base_model.__init__(self, config)
         swap_attention(self, Recipe.from_dict(config.t2r))
 
-    model_cls = type(f"T2R{model_name}", (base_model,),
-                     {"config_class": config_cls, "__init__": __init__, "__module__": __name__})
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("key_mapping", LEGACY_KEYS)
+        return super(model_cls, cls).from_pretrained(*args, **kwargs)
+
+    model_cls = type(f"T2R{base_model.__name__}", (base_model,),
+                     {"config_class": config_cls, "__init__": __init__, "from_pretrained": from_pretrained,
+                      "__module__": __name__})
     return config_cls, model_cls
 
 
 def register_all() -> None:
-    for family in FAMILIES:
+    for family in supported_families():
         if family in CONVERTED_CLASSES:
             continue
         config_cls, model_cls = _make_classes(family)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
         CONVERTED_CLASSES[family] = (config_cls, model_cls)
+
+
+def supported_families() -> list[str]:
+    return [family for adapter in ADAPTERS.values() for family in adapter.families]
 
 
 def mark_converted(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -78,18 +91,17 @@ def original_model(model: nn.Module) -> nn.Module:
     device): the conversion's starting point, rebuilt without its source. Feature maps are left out."""
     if not is_converted(model):
         raise UnsupportedModelError("original_model needs a converted model")
-    family = base_model_type(model.config)
-    config_name, model_name = FAMILIES[family]
-    config = getattr(transformers, config_name).from_dict(
+    config_cls, model_cls = hf_classes(base_model_type(model.config))
+    config = config_cls.from_dict(
         {k: v for k, v in model.config.to_dict().items() if k not in ("t2r", "model_type", "architectures")})
     config._attn_implementation = model.config._attn_implementation
     param = next(model.parameters())
-    original = getattr(transformers, model_name)(config).to(device=param.device, dtype=param.dtype)
-    state = {k: v for k, v in model.state_dict().items() if ".feature_map." not in k and not k.endswith("window_logit")}
+    original = model_cls(config).to(device=param.device, dtype=param.dtype)
+    state = {k: v for k, v in model.state_dict().items() if not is_conversion_parameter(k)}
     missing, unexpected = original.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
-        raise UnsupportedModelError(f"weights do not map back onto {model_name}: missing {missing[:3]}, "
+        raise UnsupportedModelError(f"weights do not map back onto {model_cls.__name__}: missing {missing[:3]}, "
                                     f"unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         original.tie_weights()

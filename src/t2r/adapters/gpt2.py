@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from ..attention import LinearAttention
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
-from .base import Adapter, linear_forward, register_adapter
+from .base import Adapter, HFClasses, linear_forward, register_adapter
 
 
 class GPT2LinearAttention(LinearAttention):
@@ -40,9 +41,11 @@ class GPT2LinearAttention(LinearAttention):
 
 @register_adapter
 class GPT2Adapter(Adapter):
-    name = "gpt2"
-    model_types = ("gpt2",)
+    families = {"gpt2": HFClasses("GPT2Config", "GPT2LMHeadModel", "GPT2Attention",
+                                  "transformers.models.gpt2.modeling_gpt2")}
     attention_attr = "attn"
+    lora_targets = r".*\.attn\.(c_attn|c_proj)"
+    lora_fan_in_fan_out = True  # GPT-2's projections are Conv1D (weights stored transposed)
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.transformer.h)
@@ -55,8 +58,6 @@ class GPT2Adapter(Adapter):
         return GPT2LinearAttention(original, layer_idx, recipe)
 
     def softmax_attention(self, linear: nn.Module, config) -> nn.Module:
-        from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-
         with torch.device("meta"):  # placeholders, replaced by the shared modules below
             module = GPT2Attention(config, layer_idx=linear.layer_idx)
         module.c_attn, module.c_proj, module.resid_dropout = linear.c_attn, linear.c_proj, linear.resid_dropout

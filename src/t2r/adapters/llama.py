@@ -10,9 +10,7 @@ from torch import nn
 from ..attention import LinearAttention
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
-from .base import Adapter, base_model_type, linear_forward, register_adapter
-
-_ATTENTION_CLASS = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention"}
+from .base import Adapter, HFClasses, base_model_type, linear_forward, register_adapter
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -65,11 +63,17 @@ class LlamaLinearAttention(LinearAttention):
         return linear_forward(self, hidden_states, position_embeddings, attention_mask, cache, kwargs)
 
 
+def _classes(family: str, prefix: str) -> HFClasses:
+    return HFClasses(f"{prefix}Config", f"{prefix}ForCausalLM", f"{prefix}Attention",
+                     f"transformers.models.{family}.modeling_{family}")
+
+
 @register_adapter
 class LlamaAdapter(Adapter):
-    name = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    families = {"llama": _classes("llama", "Llama"), "mistral": _classes("mistral", "Mistral"),
+                "qwen2": _classes("qwen2", "Qwen2")}
     attention_attr = "self_attn"
+    lora_targets = r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.layers)
@@ -82,13 +86,20 @@ class LlamaAdapter(Adapter):
                 "models whose own attention uses sliding windows per layer are not supported yet; "
                 "convert a full-attention variant")
 
+    def layer_windows(self, config) -> list[int | None]:
+        """Qwen2-style `layer_types` name the sliding layers; Mistral slides every layer with a `sliding_window`."""
+        n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if types:
+            return [window if t == "sliding_attention" else None for t in types]
+        return [window if base_model_type(config) == "mistral" and window else None] * n
+
     def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
         return LlamaLinearAttention(original, layer_idx, recipe)
 
     def softmax_attention(self, linear: nn.Module, config) -> nn.Module:
-        family = base_model_type(config)
-        attention_cls = getattr(import_module(f"transformers.models.{family}.modeling_{family}"),
-                                _ATTENTION_CLASS[family])
+        classes = self.families[base_model_type(config)]
+        attention_cls = getattr(import_module(classes.module), classes.attention)
         with torch.device("meta"):  # its own projections are placeholders, replaced by the shared ones below
             module = attention_cls(config, linear.layer_idx)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):

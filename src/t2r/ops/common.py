@@ -88,6 +88,13 @@ def check_same_last(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) 
         )
 
 
+def check_key_mask(key_mask, B: int, T: int) -> None:
+    if key_mask is not None and (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
+                                 or tuple(key_mask.shape) != (B, T)):
+        got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, torch.Tensor) else key_mask
+        raise ValueError(f"key_mask must be a bool tensor of shape ({B}, {T}) (True = real token), got {got}")
+
+
 def check_state(kind: str, state, fields: tuple, expected: dict) -> None:
     """state unpacks into len(fields) tensors whose shapes equal expected[field]."""
     if not isinstance(state, (tuple, list)) or len(state) != len(fields):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..common import LinearState, acc, check_mode, check_rank4, check_same_last, check_state, guard
+from ..common import LinearState, acc, check_key_mask, check_mode, check_rank4, check_same_last, check_state, guard
 from .chunk import linear_attention_chunk_terms
 from .naive import linear_attention_noncausal_terms, linear_attention_quadratic_terms
 from .recurrent import linear_attention_recurrent_terms
 
 
-def _check_inputs(phi_q, phi_k, v, initial_state, mode, chunk_size) -> None:
+def _check_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size) -> None:
     check_mode(mode, chunk_size)
     check_rank4(phi_q=phi_q, phi_k=phi_k, v=v)
     check_same_last("phi_q", phi_q, "phi_k", phi_k)
+    check_key_mask(key_mask, *phi_k.shape[:2])
     if initial_state is not None:
         B, _, H, F = phi_k.shape
         expected = {"S": (B, H, F, v.shape[-1]), "z": (B, H, F)}
@@ -25,6 +26,7 @@ def linear_attention_terms(
     phi_k: torch.Tensor,
     v: torch.Tensor,
     *,
+    key_mask: torch.Tensor | None = None,
     causal: bool = True,
     mode: str = "chunk",
     chunk_size: int = 64,
@@ -36,8 +38,10 @@ def linear_attention_terms(
 
     Same arguments as `linear_attention` (eps is accepted for a uniform signature and unused here).
     """
-    _check_inputs(phi_q, phi_k, v, initial_state, mode, chunk_size)
+    _check_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size)
     phi_q, phi_k, v32 = acc(phi_q), acc(phi_k), acc(v)
+    if key_mask is not None:  # padding adds nothing to the state
+        phi_k = torch.where(key_mask[:, :, None, None], phi_k, 0.0)  # [B, T, H, F]
     B, _, H, F = phi_k.shape
     if initial_state is None:
         S0 = phi_k.new_zeros(B, H, F, v.shape[-1])  # [B, H, F, D]
@@ -60,6 +64,7 @@ def linear_attention(
     phi_k: torch.Tensor,
     v: torch.Tensor,
     *,
+    key_mask: torch.Tensor | None = None,
     causal: bool = True,
     mode: str = "chunk",
     chunk_size: int = 64,
@@ -69,13 +74,14 @@ def linear_attention(
 ):
     """Linear attention o_t = phi(q_t)^T S_t / guard(phi(q_t)^T z_t), accumulated in float32.
 
-    phi_q, phi_k: [B, T, H, F]; v: [B, T, H, D]; initial_state: LinearState(S [B, H, F, D], z [B, H, F])
-    or None. causal=True sums keys j <= t (mode "chunk" | "recurrent" | "quadratic"); causal=False sums
-    all keys (mode ignored). guard(d) = d + eps if d >= 0 else d - eps.
+    phi_q, phi_k: [B, T, H, F]; v: [B, T, H, D]; key_mask: [B, T] bool (True = real token; padded keys add
+    nothing to the state) or None; initial_state: LinearState(S [B, H, F, D], z [B, H, F]) or None.
+    causal=True sums keys j <= t (mode "chunk" | "recurrent" | "quadratic"); causal=False sums all keys (mode
+    ignored). guard(d) = d + eps if d >= 0 else d - eps.
     Returns (o [B, T, H, D] in v.dtype, LinearState of float32 tensors if output_final_state else None).
     """
     num, den, state = linear_attention_terms(
-        phi_q, phi_k, v, causal=causal, mode=mode, chunk_size=chunk_size,
+        phi_q, phi_k, v, key_mask=key_mask, causal=causal, mode=mode, chunk_size=chunk_size,
         initial_state=initial_state, output_final_state=output_final_state, eps=eps,
     )
     o = num / guard(den, eps).unsqueeze(-1)  # [B, T, H, D]

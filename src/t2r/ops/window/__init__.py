@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import WindowState, acc, check_mode, check_rank4, check_same_last, check_state, guard
+from ..common import WindowState, acc, check_key_mask, check_mode, check_rank4, check_same_last, check_state, guard
 from .chunk import sliding_window_chunk_terms
 from .naive import sliding_window_quadratic_terms
 from .recurrent import sliding_window_recurrent_terms
@@ -22,11 +22,7 @@ def _check_inputs(q, k, v, phi_q, phi_k, window, window_factor, key_mask, initia
     if not isinstance(window_factor, torch.Tensor) or tuple(window_factor.shape) != (H,):
         got = tuple(window_factor.shape) if isinstance(window_factor, torch.Tensor) else window_factor
         raise ValueError(f"window_factor must be a tensor of shape ({H},) (one factor per head), got {got}")
-    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, T)):
-        raise ValueError(
-            f"key_mask must be a bool tensor of shape ({B}, {T}) (True = real token), "
-            f"got {key_mask.dtype} {tuple(key_mask.shape)}"
-        )
+    check_key_mask(key_mask, B, T)
     if initial_state is not None:
         F, D = phi_k.shape[-1], v.shape[-1]
         expected = {"S": (B, H, F, D), "z": (B, H, F), "k": (B, H, window, Dk), "v": (B, H, window, D),
