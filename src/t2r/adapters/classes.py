@@ -8,8 +8,12 @@ subclass only changes `model_type` to "t2r_<family>" and carries the recipe in `
 from __future__ import annotations
 
 import copy
+import logging
+from pathlib import Path
 
+import torch
 import transformers
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -18,10 +22,9 @@ from ..errors import UnsupportedModelError
 from ..recipe import Recipe
 from .base import ADAPTERS, adapter_for, base_model_type, swap_attention
 
+log = logging.getLogger(__name__)
 CONVERTED_CLASSES: dict[str, tuple[type, type]] = {}
-# Models saved before mixers were modules (recipe version 1) keep the window factors as `...self_attn.window_logit`;
-# they now live in the mixer. `from_pretrained` renames the old keys (HF's public `key_mapping` argument).
-LEGACY_KEYS = {r"^(.*\.(?:self_attn|attn))\.window_logit$": r"\1.mixer.window_logit"}
+LEGACY_WINDOW_KEY = ".window_logit"  # recipe version 1 kept the window factors on the attention module itself
 
 
 def hf_classes(family: str):
@@ -37,17 +40,40 @@ def _make_classes(family: str) -> tuple[type, type]:
 
     def __init__(self, config):
         base_model.__init__(self, config)
-        swap_attention(self, Recipe.from_dict(config.t2r))
+        recipe = Recipe.from_dict(config.t2r)
+        config.t2r = recipe.to_dict()  # an older recipe version is upgraded (it means what it meant)
+        swap_attention(self, recipe)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        kwargs.setdefault("key_mapping", LEGACY_KEYS)
-        return super(model_cls, cls).from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, path, *args, **kwargs):
+        model = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
+        if load_legacy_window_factors(model, path):
+            log.info("%s was saved before mixers (recipe version 1): its window factors were moved into the mixers "
+                     "(the load report's window_logit lines are expected)", path)
+        return model
 
     model_cls = type(f"T2R{base_model.__name__}", (base_model,),
                      {"config_class": config_cls, "__init__": __init__, "from_pretrained": from_pretrained,
                       "__module__": __name__})
     return config_cls, model_cls
+
+
+def load_legacy_window_factors(model: nn.Module, path) -> int:
+    """Models saved before mixers were modules (recipe version 1) hold each layer's window factors at
+    `...self_attn.window_logit`; they now live in the mixer (`...self_attn.mixer.window_logit`), so HF's loader
+    leaves them out. Copy them from the checkpoint in the local directory `path` into place; returns how many."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    params = dict(model.named_parameters())
+    copied = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                new = key[: -len(LEGACY_WINDOW_KEY)] + ".mixer" + LEGACY_WINDOW_KEY
+                if key.endswith(LEGACY_WINDOW_KEY) and ".mixer." not in key and new in params:
+                    with torch.no_grad():
+                        params[new].copy_(f.get_tensor(key))
+                    copied += 1
+    return copied
 
 
 def register_all() -> None:
