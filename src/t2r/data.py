@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from . import sources
 from .corpora import BUILTIN_CORPORA, BUILTIN_VERSION, _text_files, cache_root, load_documents
@@ -285,7 +286,6 @@ def prepare_data(
 
 def tokenizer_of(model: str | None):
     """The tokenizer of ``model`` (see :func:`t2r.sources.resolve`; None is the default model)."""
-    from transformers import AutoTokenizer
 
     source = sources.resolve(model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from .adapters import original_model
 from .data import cache_root, load_documents, prepare_data, tokenizer_identity
 from .errors import T2RError
@@ -66,7 +68,6 @@ def austen_heldout_file(tokenizer, *, blocks: int = AUSTEN_BLOCKS, cache_dir: st
 
 
 def _tokenizer_of(pretrained: str):
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(pretrained))
@@ -144,8 +145,6 @@ def task_metrics(results: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's own command line with t2r imported and t2r's task folder as --include_path (unless one is given)."""
-    import t2r  # noqa: F401  (registers the converted classes)
-
     require_lm_eval()
     from lm_eval.__main__ import cli_evaluate
 

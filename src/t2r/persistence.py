@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import NotAT2RModelError, T2RError
 from .io import private_dir_beside, replace_dir
@@ -92,7 +93,6 @@ def _check_safetensors(file: Path) -> None:
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a saved converted model (any supported family) from a directory; returns it in eval mode."""
-    from transformers import AutoModelForCausalLM
 
 
     check_model_dir(path)
@@ -105,7 +105,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved beside a model, or None if there is none."""
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .adapters.base import drop_dequantized_quantizer
 from .errors import ModelSourceError
@@ -70,7 +71,6 @@ def _hub_offline() -> bool:
 
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, ModelSource) for a causal LM. GGUF weights are dequantized into a normal model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
     kwargs = {"dtype": dtype}
