@@ -68,7 +68,6 @@ def austen_heldout_file(tokenizer, *, blocks: int = AUSTEN_BLOCKS, cache_dir: st
 
 
 def _tokenizer_of(pretrained: str):
-
     try:
         return AutoTokenizer.from_pretrained(str(pretrained))
     except (OSError, ValueError) as err:
@@ -100,7 +99,6 @@ def doc_to_target(doc: dict) -> str:
 
 
 def _is_converted(model: str) -> bool:
-
     return Path(model).is_dir() and is_t2r_dir(Path(model))
 
 
