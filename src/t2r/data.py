@@ -9,11 +9,15 @@ Packing: every document is tokenised without special tokens, the documents are j
 tokenizer's EOS token between them, and the stream is cut into rows of ``block_size`` tokens; the
 tail that does not fill a row is dropped.
 
-Split rule (version 1): block ``i`` (0-based, in stream order) is held out when
-``i % 10 == 9``; all other blocks are train. A corpus of 2 to 9 blocks holds out its last block.
-So held-out is every 10th block of the stream, about 10% of the tokens, spread over the whole
-corpus. It is a split of the token stream, not of documents: the text just before a held-out
-block is usually in train. A corpus needs at least two blocks.
+Split rule (version 2), on the token stream, so that the held-out text is the same whatever the block size and
+long enough to measure memory: the stream is cut into stretches of 16,384 tokens and stretch ``s`` (0-based) is held
+out when ``s % 10 == 9``. A block lying wholly in a held-out stretch is held out, one lying wholly in train stretches
+is train, and one that straddles both (only when the block size does not divide 16,384) is dropped. So about 10% of
+the tokens are held out, in contiguous stretches of 16,384 tokens spread over the corpus: the long held-out documents
+of `t2r eval --context 16k --positions`. A block longer than a stretch is never held out. A corpus shorter than ten
+stretches (163,840 tokens) uses the block rule of version 1 instead: block ``i`` is held out when ``i % 10 == 9``,
+and a corpus of 2 to 9 blocks holds out its last block. A corpus needs at least two blocks. It is a split of the
+token stream, not of documents: the text just before a held-out stretch is in train.
 
 Cache: the blocks are stored as safetensors + ``meta.json`` under ``<cache>/blocks/<key>/``, where
 the key hashes the tokenizer (name, size, EOS, sha256 of its serialised vocabulary and merges),
@@ -44,8 +48,11 @@ from .sources import DEFAULT_GGUF  # noqa: F401  (re-exported: the tests name da
 logger = logging.getLogger(__name__)
 
 HELDOUT_EVERY = 10
-SPLIT_VERSION = 1
-SPLIT_RULE = "block i is held out iff i % 10 == 9; a corpus of 2-9 blocks holds out its last block"
+HELDOUT_STRETCH = 16384  # tokens: the length of a held-out document
+SPLIT_VERSION = 2
+SPLIT_RULE = ("stretch s of 16,384 tokens is held out iff s % 10 == 9, blocks straddling train and held-out "
+              "stretches are dropped; under 10 stretches: block i is held out iff i % 10 == 9, a corpus of 2-9 "
+              "blocks holds out its last block")
 FORMAT = "t2r-token-blocks"
 
 
@@ -123,10 +130,28 @@ def _split(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]
             f"corpus {name} has {blocks.numel()} tokens, one block of {block_size}; it needs two "
             "(one train, one held-out): give more text or a smaller --block-size"
         )
-    heldout = torch.arange(n_blocks) % HELDOUT_EVERY == HELDOUT_EVERY - 1  # (N,)
+    train, heldout = split_masks(n_blocks, block_size)  # (N,) each
     if not heldout.any():
-        heldout[-1] = True
-    return blocks[~heldout].contiguous(), blocks[heldout].contiguous()
+        raise DataError(f"corpus {name} has no held-out block of {block_size} tokens: held-out documents are "
+                        f"stretches of {HELDOUT_STRETCH:,} tokens; use a block size (or --context) of "
+                        f"{HELDOUT_STRETCH} or less")
+    return blocks[train].contiguous(), blocks[heldout].contiguous()
+
+
+def split_masks(n_blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) bool masks [N] over the blocks of a stream, by the split rule of the module docstring."""
+    if n_blocks * block_size < HELDOUT_EVERY * HELDOUT_STRETCH:  # a short corpus: the block rule
+        heldout = torch.arange(n_blocks) % HELDOUT_EVERY == HELDOUT_EVERY - 1  # (N,)
+        if not heldout.any():
+            heldout[-1] = True
+        return ~heldout, heldout
+    first = torch.arange(n_blocks) * block_size // HELDOUT_STRETCH  # (N,) stretch of each block's first token
+    last = (torch.arange(1, n_blocks + 1) * block_size - 1) // HELDOUT_STRETCH  # (N,) ... and of its last token
+    held_stretch = lambda s: s % HELDOUT_EVERY == HELDOUT_EVERY - 1  # noqa: E731
+    heldout = (first == last) & held_stretch(first)
+    # a block covering stretches first..last is train iff none of them is held out
+    touches_heldout = (last // HELDOUT_EVERY > first // HELDOUT_EVERY) | held_stretch(first) | held_stretch(last)
+    return ~touches_heldout, heldout
 
 
 # ----------------------------------------------------------------------------- identity and cache

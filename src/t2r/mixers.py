@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RecipeError
+from .errors import RecipeError, T2RError
 from .ops import MODES, linear_attention, sliding_window_linear_attention
 from .ops.common import window_weights
 from .registry import Registry
 
 MIXERS = Registry("mixer", RecipeError)
+WINDOW_ONLY_LOGIT = 1e4  # sigmoid(1e4) == 1.0 exactly in float32: the linear part gets weight 0
 
 
 class Mixer(nn.Module):
@@ -61,6 +62,11 @@ class Mixer(nn.Module):
         """The unnormalised weight each query gives each key, [B, H, T, T], from the softmax scores [B, H, T, T]
         (scale q.k) and the feature maps [B, T, H, F]: `weights / weights.sum(-1)` times v is `forward`'s output."""
         raise NotImplementedError
+
+    def without(self, part: str) -> "Mixer":
+        """A mixer like this one with `part` switched off (an evaluation-time ablation, `t2r.ablation`); the same
+        parameters are shared, not copied. Raises T2RError when the mixer has no such part."""
+        raise T2RError(f"the {self.name} mixer has no {part} part to switch off")
 
     def _options(self) -> dict:
         return {"chunk_size": self.chunk_size, "eps": self.eps}
@@ -117,6 +123,19 @@ class WindowMixer(Mixer):
             q, k, v, phi_q, phi_k, window=self.window, window_factor=self.factor(), scale=self.scale,
             key_mask=key_mask, mode=mode, initial_state=state, output_final_state=output_final_state,
             **self._options())
+
+    def without(self, part: str) -> Mixer:
+        """"linear": only the softmax window (f_h = 1), i.e. sliding-window softmax attention; "window": the linear
+        part alone over every key (a linear mixer with the same feature maps)."""
+        if part == "window":
+            return LinearMixer(num_heads=self.num_heads, scale=self.scale, chunk_size=self.chunk_size, eps=self.eps)
+        if part == "linear":
+            ablated = WindowMixer(num_heads=self.num_heads, scale=self.scale, window=self.window,
+                                  chunk_size=self.chunk_size, eps=self.eps)
+            ablated.window_logit = nn.Parameter(torch.full_like(self.window_logit, WINDOW_ONLY_LOGIT),
+                                                requires_grad=False)
+            return ablated
+        return super().without(part)
 
     def weights(self, scores, phi_q, phi_k):
         diff = _causal(scores.shape[-1], scores.device)  # (T, T)

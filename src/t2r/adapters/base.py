@@ -75,6 +75,11 @@ class Adapter:
         """[T, T] bool: the keys each query of the layer's softmax attention sees (causal, within its window)."""
         return reference_mask(length, self.layer_windows(attn.config)[attn.layer_idx], device)
 
+    def max_positions(self, config) -> int | None:
+        """The longest sequence the family can place at all (learned absolute positions), or None (rotary positions
+        extrapolate, however well)."""
+        return None
+
     def extend_cache(self, cache, length: int):
         """A copy of a batch-1 `cache` made to hold `length` tokens (see `t2r.adapters.cache.extend_kv_cache`)."""
         return extend_kv_cache(cache, length)

@@ -47,6 +47,9 @@ class GPT2Adapter(Adapter):
     lora_targets = r".*\.attn\.(c_attn|c_proj)"
     lora_fan_in_fan_out = True  # GPT-2's projections are Conv1D (weights stored transposed)
 
+    def max_positions(self, config) -> int | None:
+        return config.n_positions  # learned absolute position embeddings
+
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.transformer.h)
 
