@@ -14,13 +14,15 @@ the cache has grown past that size (checked before each chunk), and the result s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for, cache_bytes
+from .data import prepare_data
 from .errors import T2RError
 from .generate import new_cache
 
@@ -123,3 +125,46 @@ def check_length(model, length: int) -> None:
     if limit is not None and length > limit:
         raise T2RError(f"documents of {length} tokens are longer than this model's {limit} learned positions: "
                        f"use --context {limit} or less")
+
+
+def long_documents(source: str, tokenizer, length: int, max_documents: int | None = None) -> torch.Tensor:
+    """The held-out documents of `source` (anything `t2r.data.prepare_data` reads) cut to `length` tokens: [N, L].
+    Builtin corpora hold out whole stretches of 16,384 tokens (the split rule of `t2r.data`), so `length` can go up to
+    16,384; a longer one is refused with the longest that works."""
+    docs = prepare_data(source, tokenizer, block_size=length).heldout  # (N, L)
+    return docs if max_documents is None else docs[:max_documents]
+
+
+def compare_positions(models: dict, docs: torch.Tensor, settings: PositionSettings = PositionSettings()) -> dict:
+    """Loss by position of several models (name -> model, or name -> a function that returns the model, called when
+    its turn comes) on the same documents; each result also says the model's trained context."""
+    out = {}
+    for name, model in models.items():
+        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+        labelled = replace(settings, progress=None if settings.progress is None else f"{settings.progress} {name}")
+        out[name] = {**position_losses(model, docs, labelled), "trained_context": trained_context(model)}
+    return out
+
+
+def plot_positions(results: dict, path: str | Path, title: str = "") -> Path:
+    """Per-bucket perplexity against position (log scale), one line per model: what `compare_positions` returns."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.2))
+    axes = figure.add_subplot()
+    for name, result in results.items():
+        buckets = result["buckets"]
+        middles = [(b["start"] + min(b["end"], result["length"])) / 2 for b in buckets]
+        axes.plot(middles, [b["ppl"] for b in buckets], marker="o", label=name)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("position in the document (tokens; bucket middles)")
+    axes.set_ylabel("perplexity of the tokens in the bucket")
+    axes.set_title(title or "loss by position")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure).print_png(str(path))
+    return path
