@@ -32,15 +32,15 @@ class _Captured(Exception):
     """Raised by the last hook: the teacher's remaining layers and LM head are not needed."""
 
 
-def share_weights(copy: nn.Module, source: nn.Module) -> nn.Module:
-    """Point every parameter of `copy` at the parameter of the same name in `source` (frozen weights, one copy)."""
+def share_weights(target: nn.Module, source: nn.Module) -> nn.Module:
+    """Point every parameter of `target` at the parameter of the same name in `source` (frozen weights, one copy)."""
     params = dict(source.named_parameters(remove_duplicate=False))
-    for prefix, module in copy.named_modules():
+    for prefix, module in target.named_modules():
         for name, param in list(module._parameters.items()):
             full = f"{prefix}.{name}" if prefix else name
             if param is not None and full in params:
                 module._parameters[name] = params[full]
-    return copy
+    return target
 
 
 def follow_device(module: nn.Module, device: torch.device) -> None:
