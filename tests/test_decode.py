@@ -10,6 +10,7 @@ import t2r
 from t2r.adapters import original_model
 from t2r.decode import decode, iter_decode, positions_from_mask, process_logits
 from t2r.errors import T2RError
+from t2r.generate import Sampling
 
 from conftest import tiny_model
 
@@ -88,15 +89,28 @@ def test_stopping_criteria_per_row():
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model = _converted("llama-window-kept")
     ids, mask = _batch()
-    options = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_p=0.9, top_k=50)
-    a, _ = decode(model, ids, mask, generator=torch.Generator().manual_seed(7), **options)
-    b, _ = decode(model, ids, mask, generator=torch.Generator().manual_seed(7), **options)
-    c, _ = decode(model, ids, mask, generator=torch.Generator().manual_seed(8), **options)
+    options = dict(do_sample=True, temperature=1.3, top_p=0.9, top_k=50)
+    a, _ = decode(model, ids, mask, max_new_tokens=8, sampling=Sampling(**options, seed=7))
+    b, _ = decode(model, ids, mask, max_new_tokens=8, sampling=Sampling(**options, seed=7))
+    c, _ = decode(model, ids, mask, max_new_tokens=8, sampling=Sampling(**options, seed=8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     greedy, _ = decode(model, ids, mask, max_new_tokens=8)
-    top1, _ = decode(model, ids, mask, max_new_tokens=8, do_sample=True, top_k=1,
-                     generator=torch.Generator().manual_seed(0))
+    top1, _ = decode(model, ids, mask, max_new_tokens=8, sampling=Sampling(do_sample=True, top_k=1, seed=0))
     assert torch.equal(greedy, top1)
+
+
+def test_sampling_leaves_the_global_rng_alone():
+    """A seeded sampling run draws from its own generator; without a seed it draws from (never seeds) the global RNG."""
+    model = _converted("llama-hedgehog")
+    ids, mask = _batch()
+    before = torch.get_rng_state()
+    decode(model, ids, mask, max_new_tokens=4, sampling=Sampling(do_sample=True, seed=3))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(11)
+    a, _ = decode(model, ids, mask, max_new_tokens=4, sampling=Sampling(do_sample=True, seed=None))
+    torch.manual_seed(11)
+    b, _ = decode(model, ids, mask, max_new_tokens=4, sampling=Sampling(do_sample=True, seed=None))
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.5, 0, 0.8), (0.9, 20, 0.5)])
@@ -132,9 +146,12 @@ def test_positions_follow_hf_for_left_padding():
 def test_bad_options_raise():
     model = _converted("llama-hedgehog")
     ids, mask = _batch()
-    for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(max_new_tokens=-1)):
+    for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0)):
         with pytest.raises(T2RError):
-            decode(model, ids, mask, **{"max_new_tokens": 2, **bad})
+            decode(model, ids, mask, max_new_tokens=2, sampling=Sampling(do_sample=True, **bad))
+    for bad in (dict(max_new_tokens=-1), dict(max_new_tokens=2, prefill_chunk=0)):
+        with pytest.raises(T2RError):
+            decode(model, ids, mask, **bad)
     with pytest.raises(T2RError, match="attention_mask"):
         decode(model, ids, mask[:, 1:], max_new_tokens=2)
 

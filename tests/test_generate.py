@@ -10,6 +10,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import t2r
 from t2r.adapters import RecurrentCache, RecurrentLayer
+from t2r.generate import Sampling
 
 RECIPES = {
     "linear": dict(feature_map="hedgehog", feature_dim=8),
@@ -77,12 +78,18 @@ def test_plain_forward_with_use_cache_builds_recurrent_state(tokenizer):
 
 def test_sampling_is_seeded_and_options_apply(tokenizer):
     model = converted("linear", tokenizer=tokenizer)
-    a = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10, do_sample=True, top_p=0.9, top_k=50, seed=3)
-    b = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10, do_sample=True, top_p=0.9, top_k=50, seed=3)
+    sampling = Sampling(do_sample=True, top_p=0.9, top_k=50, seed=3)
+    before = torch.get_rng_state()
+    a = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10, sampling=sampling)
+    assert torch.equal(torch.get_rng_state(), before)  # seeded inside a fork: the caller's RNG state is untouched
+    b = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10, sampling=sampling)
     greedy = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10)
-    top1 = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10, do_sample=True, top_k=1, seed=4)
+    top1 = t2r.generate(model, tokenizer, "Sample", max_new_tokens=10,
+                        sampling=Sampling(do_sample=True, top_k=1, seed=4))
     assert a.texts == b.texts
     assert top1.texts == greedy.texts
+    with pytest.raises(t2r.T2RError, match="top_p"):
+        Sampling(do_sample=True, top_p=1.5)
 
 
 def test_stopping_criteria_stop_early(tokenizer):

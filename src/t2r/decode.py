@@ -7,6 +7,7 @@ top-p, per-row EOS with padding after it, left padding through position ids = cu
 tokens as `model.generate(...)`; it applies none of a model's `generation_config` defaults (repetition penalty, ...).
 
     tokens, cache = decode(model, ids, mask, max_new_tokens=32)           # tokens: [B, new]
+    tokens, cache = decode(model, ids, mask, max_new_tokens=32, sampling=Sampling(do_sample=True, top_p=0.9, seed=1))
     for next_tokens in iter_decode(model, ids, cache=cache, max_new_tokens=8): ...   # one [B] tensor per step
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import T2RError
-from .generate import new_cache
+from .generate import GREEDY, Sampling, new_cache
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -43,15 +44,11 @@ def process_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int
     return scores
 
 
-def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def _check_options(max_new_tokens: int, prefill_chunk: int | None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise T2RError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not temperature > 0:
-        raise T2RError(f"temperature must be > 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise T2RError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise T2RError(f"top_p must be in (0, 1], got {top_p!r}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise T2RError(f"prefill_chunk must be >= 1 (or None: one forward), got {prefill_chunk!r}")
 
 
 def _eos_ids(eos_token_id, device) -> torch.Tensor | None:
@@ -63,17 +60,14 @@ def _eos_ids(eos_token_id, device) -> torch.Tensor | None:
 
 @torch.inference_mode()
 def iter_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache,
-                max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                stopping_criteria=None, generator: torch.Generator | None = None,
+                max_new_tokens: int, sampling: Sampling = GREEDY, eos_token_id: int | list[int] | None = None,
+                pad_token_id: int | None = None, stopping_criteria=None,
                 prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next tokens ([B] long) one step at a time; see `decode` for the arguments.
 
     `cache` is required here (it is advanced in place). If it already holds P tokens, `input_ids` continue them and
     `attention_mask`, when given, covers all P + T tokens (as in HF)."""
-    _check_options(max_new_tokens, temperature, top_k, top_p)
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise T2RError(f"prefill_chunk must be >= 1 (or None: one forward), got {prefill_chunk!r}")
+    _check_options(max_new_tokens, prefill_chunk)
     B, T = input_ids.shape
     device = input_ids.device
     past = cache.get_seq_length() if cache is not None else 0
@@ -92,6 +86,7 @@ def iter_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         pos = torch.arange(past, past + T, device=device).expand(B, T)  # (B, T)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     sequence = input_ids  # only kept when a stopping criterion needs to see it
+    generator = sampling.generator(device)
     if max_new_tokens == 0:
         return
     step = prefill_chunk or T
@@ -105,8 +100,9 @@ def iter_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         out = model(input_ids=step_ids, attention_mask=None if mask is None else mask[:, :length], position_ids=pos,
                     cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B, V)
-        if do_sample:
-            scores = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        if sampling.do_sample:
+            scores = process_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k,
+                                    top_p=sampling.top_p)
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
         else:
             scores = logits
@@ -124,15 +120,15 @@ def iter_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, stopping_criteria=None,
-           generator: torch.Generator | None = None, cache=None, prefill_chunk: int | None = None):
+           sampling: Sampling = GREEDY, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+           stopping_criteria=None, cache=None, prefill_chunk: int | None = None):
     """Generate up to `max_new_tokens` tokens after `input_ids` ([B, T], left-padded per `attention_mask`).
 
     One prefill forward over the prompt (the chunked form for a converted model), or one per `prefill_chunk` tokens
     carrying the cache (a bounded working set: a long prompt then costs time linear in its length for a converted
-    model), then one forward per token with `logits_to_keep=1`. Greedy unless `do_sample`; sampling applies
-    temperature, top_k (0 = off) and top_p as HF does and draws with `generator`. A row that emits one of `eos_token_id` (None: no EOS stopping) is filled with
+    model), then one forward per token with `logits_to_keep=1`. Greedy unless `sampling.do_sample`; sampling applies
+    temperature, top_k (0 = off) and top_p as HF does and draws from a generator seeded by `sampling.seed` (None:
+    torch's global RNG). A row that emits one of `eos_token_id` (None: no EOS stopping) is filled with
     `pad_token_id` (default: the first EOS id) afterwards; generation stops early when every row has stopped, or
     when `stopping_criteria(sequence, scores)` (HF's `StoppingCriteriaList` works) is true for every row.
 
@@ -140,10 +136,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
 
     cache = new_cache(model) if cache is None else cache
     steps = list(iter_decode(model, input_ids, attention_mask, cache=cache, max_new_tokens=max_new_tokens,
-                             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                             stopping_criteria=stopping_criteria, generator=generator,
-                             prefill_chunk=prefill_chunk))
+                             sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                             stopping_criteria=stopping_criteria, prefill_chunk=prefill_chunk))
     if not steps:
         return input_ids.new_zeros(input_ids.shape[0], 0), cache
     return torch.stack(steps, 1), cache  # (B, new)

@@ -3,11 +3,51 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import DynamicCache
 
 from .adapters import RecurrentCache, adapter_for, cache_bytes, is_converted
+from .errors import T2RError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (the default), or sampled after HF's warpers (temperature, then top_k,
+    0 = off, then top_p). A sampled run is reproducible from `seed` and leaves the caller's RNG state as it was (None:
+    draw from torch's global RNG as it stands)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise T2RError(f"temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise T2RError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise T2RError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator on `device` seeded by `seed` (None without a seed, or when nothing is sampled)."""
+        if not self.do_sample or self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def hf_options(self) -> dict:
+        """The keyword arguments of HF `generate()` for this choice."""
+        if not self.do_sample:
+            return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+GREEDY = Sampling()
 
 
 @dataclass
@@ -28,8 +68,6 @@ def new_cache(model):
     if is_converted(model):
         kept = tuple(model.config.t2r.get("keep_softmax_layers", ()))
         return RecurrentCache(len(adapter_for(model).decoder_layers(model)), kept)
-    from transformers import DynamicCache
-
     return DynamicCache(config=model.config)
 
 
@@ -41,23 +79,34 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """HF `generate()` samples from torch's global RNG: seed it inside a fork, so the caller's state comes back
+    (`t2r.train.seeded` too; not imported from there, which would load the trainer with every `import t2r`)."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = 0,
+def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int = 64, sampling: Sampling = GREEDY,
              stopping_criteria=None, streamer=None) -> GenerationResult:
-    """Generate continuations of one prompt or a batch (left-padded), greedy or sampled."""
+    """Generate continuations of one prompt or a batch (left-padded), greedy or sampled (see `Sampling`)."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     prepare_tokenizer(tokenizer)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    if seed is not None:
-        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     cache = new_cache(model)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None)
+    seeded = sampling.do_sample and sampling.seed is not None
     start = time.perf_counter()
-    out = model.generate(**enc, cache=cache, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         stopping_criteria=stopping_criteria, streamer=streamer, **sampling)
+    with _seeded(sampling.seed, device) if seeded else nullcontext():
+        out = model.generate(**enc, cache=cache, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             stopping_criteria=stopping_criteria, streamer=streamer, **sampling.hf_options())
     seconds = time.perf_counter() - start
     new = out[:, enc["input_ids"].shape[1]:]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)

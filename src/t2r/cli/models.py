@@ -8,6 +8,7 @@ import time
 from ..convert import convert as run_convert
 from ..convert import count_linear_layers, reinitialize
 from ..errors import T2RError
+from ..generate import Sampling
 from ..generate import generate as run_generate
 from ..persistence import load, load_tokenizer, save
 from ..recipe import INITS
@@ -93,11 +94,11 @@ def generate(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64,
 
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     hf_model, tokenizer = _load_converted(model)
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
-    result = run_generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
-                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    result = run_generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
     return {"prompt": prompt, "text": result.texts[0], "new_tokens": result.new_tokens,
             "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
             "state_bytes": result.state_bytes}
