@@ -159,6 +159,32 @@ def test_resume_after_crash_ends_with_the_same_weights(tmp_path, tokenizer):
     assert steps == list(range(1, STEPS + 1))  # the crashed run's step 3 was not recorded twice
 
 
+def test_training_draws_from_its_own_seeded_rng(tmp_path, tokenizer):
+    """Dropout and LoRA's initial weights draw from torch's RNG seeded by `config.seed` inside a fork: the caller's
+    RNG state is left as it was, the result does not depend on it, and a crashed run resumes to the same weights
+    (each checkpoint holds the run's RNG state)."""
+    def dropout_student():
+        model = tiny_model("gpt2", vocab_size=len(tokenizer), resid_pdrop=0.2, embd_pdrop=0.2)
+        return t2r.convert(model, feature_map="hedgehog", feature_dim=8)
+
+    students = [dropout_student() for _ in range(3)]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    finetune_model(students[0], blocks(), tmp_path / "a", config(), tokenizer=tokenizer, lora=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(456)
+    with pytest.raises(Crash):
+        finetune_model(students[1], blocks(), tmp_path / "b", config(), tokenizer=tokenizer, lora=2,
+                       on_step=crash_at(3))
+    torch.randn(10)  # the caller's RNG moves on between the two runs
+    finetune_model(dropout_student(), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, lora=2,
+                   resume=True)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    finetune_model(students[2], blocks(), tmp_path / "c", config(seed=1), tokenizer=tokenizer, lora=2)
+    a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed matters: the RNG is really drawn from
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tmp_path, tokenizer):
     cfg = config(checkpoint_every=0)
     finetune_model(student(tokenizer), blocks(), tmp_path / "a", cfg, tokenizer=tokenizer)

@@ -26,7 +26,7 @@ from ..evaluate import perplexity
 from ..lora import apply_lora
 from ..persistence import is_t2r_dir, load, load_tokenizer, save
 from ..sources import load_model
-from ..train import Task, TrainConfig, train
+from ..train import Task, TrainConfig, seeded, train
 from ..transfer import follow_device
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,9 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
         s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if s != t:
             raise T2RError(f"the teacher predicts {t} tokens, the student {s}: distillation needs the same vocabulary")
-    torch.manual_seed(config.seed)  # LoRA's initial weights
-    if lora:
-        model = apply_lora(student, lora, lora_modules)
+    if lora:  # LoRA's initial weights: seeded inside a fork, the caller's RNG is left alone
+        with seeded(config.seed, next(student.parameters()).device):
+            model = apply_lora(student, lora, lora_modules)
     else:
         model = student
         for param in model.parameters():

@@ -152,7 +152,8 @@ def _rng_tensors() -> dict:
     return tensors
 
 
-def _set_rng(tensors: dict) -> None:
+def set_rng(tensors: dict) -> None:
+    """Put back RNG states read by `read_rng` (the trainer does it inside its own `fork_rng`)."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -183,7 +184,7 @@ def save_checkpoint(accelerator, out: Path, named: list[tuple[str, nn.Parameter]
 
 
 def load_checkpoint(accelerator, path: Path, named: list[tuple[str, nn.Parameter]], optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, schedule and this process's RNG from `path`; returns state.json."""
+    """Restore weights, optimizer and schedule from `path`; returns state.json. The RNG states: `read_rng`."""
     state = json.loads((path / "state.json").read_text())
     names = [n for n, _ in named]
     if state["trainable"] != names:
@@ -195,6 +196,10 @@ def load_checkpoint(accelerator, path: Path, named: list[tuple[str, nn.Parameter
             param.copy_(weights[name])
     optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    rng = path / f"rng-{accelerator.process_index}.safetensors"
-    _set_rng(load_file(str(rng if rng.is_file() else path / "rng-0.safetensors")))
     return state
+
+
+def read_rng(accelerator, path: Path) -> dict:
+    """This process's RNG states saved in the checkpoint `path` (see `set_rng`)."""
+    rng = path / f"rng-{accelerator.process_index}.safetensors"
+    return load_file(str(rng if rng.is_file() else path / "rng-0.safetensors"))

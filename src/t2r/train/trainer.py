@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..io import write_json
 from .checkpoint import (
@@ -40,10 +42,12 @@ from .checkpoint import (
     TrainError,
     check_run_dir,
     load_checkpoint,
+    read_rng,
     save_checkpoint,
+    set_rng,
     truncate_metrics,
 )
-from .config import BlockStream, TrainConfig, lr_factor
+from .config import BlockStream, TrainConfig, lr_factor, seeded
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,6 @@ class Task:
 def make_accelerator():
     """An `Accelerator`; on a machine without GPUs it is told so, so that several CPU processes (torchrun) form a
     gloo DDP group instead of each training alone."""
-    from accelerate import Accelerator
-
     has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
     if not has_device and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")
                               for k in ("FSDP", "DEEPSPEED")):
@@ -168,13 +170,12 @@ class Trainer:
         self.named = [(n, p) for n, p in task.module.named_parameters() if p.requires_grad]
         if not self.named:
             raise TrainError("nothing to train: the model has no trainable parameters for this stage")
-        torch.manual_seed(config.seed)
         optimizer = torch.optim.AdamW([p for _, p in self.named], lr=config.lr, weight_decay=config.weight_decay)
         total, warmup, min_lr = self.total_steps, config.warmup, config.min_lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, min_lr))
         self.model, self.optimizer = acc.prepare(task.module, optimizer)
         self.stream = BlockStream(num_blocks, config.seed)
-        self.step, self.checkpoint_step, self.eval_before = 0, None, None
+        self.step, self.checkpoint_step, self.eval_before, self.rng = 0, None, None, None
         if checkpoint is not None:
             self._resume(checkpoint)
         self.train_seconds, self.trained_tokens = 0.0, 0
@@ -192,6 +193,7 @@ class Trainer:
             raise TrainError(f"cannot resume {checkpoint}: settings differ from the interrupted run ({changes}); "
                              "resume with the same settings, or start a new --out")
         state = load_checkpoint(self.accelerator, checkpoint, self.named, self.optimizer, self.scheduler)
+        self.rng = read_rng(self.accelerator, checkpoint)
         self.step = self.checkpoint_step = state["step"]
         self.eval_before = state.get("eval_before")
         if self.accelerator.is_main_process:
@@ -199,9 +201,14 @@ class Trainer:
         log.info("resuming %s at step %d of %d", self.out, self.step, self.total_steps)
 
     def run(self, on_step: Callback | None = None) -> dict:
-        """Train to the budget, export the final model into OUT and return the run summary."""
+        """Train to the budget, export the final model into OUT and return the run summary. The whole run draws
+        from torch's RNG seeded by `config.seed` (or restored from the checkpoint) inside a fork: dropout and
+        random-feature redraws are reproducible and resume exactly, and the caller's RNG state is left as it was."""
         try:
-            return self._run(on_step)
+            with seeded(self.config.seed, self.accelerator.device):
+                if self.rng is not None:
+                    set_rng(self.rng)
+                return self._run(on_step)
         finally:
             self.close()
 
@@ -323,8 +330,6 @@ class Trainer:
                     self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["tokens"])
 
     def _progress_bar(self):
-        from tqdm.auto import tqdm
-
         return tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                     unit="tok", unit_scale=True, dynamic_ncols=True, leave=False, smoothing=0.1,
                     disable=not (self.config.progress and self.accelerator.is_main_process))
