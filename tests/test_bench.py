@@ -11,14 +11,15 @@ import torch
 import transformers
 
 import t2r
-from t2r.bench import copy_cache, parse_sizes, predict_seconds, ratios, render_bench, targets
+from t2r.bench import BenchSettings, copy_cache, parse_sizes, predict_seconds, ratios, render_bench, targets
 from t2r.bench.measure import extend_cache
-from t2r.cli.evaluation import bench
+from t2r.cli.evaluation import bench_command
 from t2r.errors import T2RError
+from t2r.train.settings import flag
 
 ROW_KEYS = {"model", "context", "batch", "decode_ms_per_token", "prefill_tokens_per_s", "cache_bytes",
             "peak_rss_bytes"}
-FAST = dict(decode_tokens=3, warmup=1, threads=1, train_seq=32, train_steps=1, generate_tokens=2)
+FAST = dict(decode_tokens=3, warmup=1, train_seq=32, train_steps=1, generate_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,8 @@ def rnn_dir(tmp_path_factory, tiny_model_dir, tokenizer):
 @pytest.fixture(scope="module")
 def result(rnn_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
-    r = bench(str(rnn_dir), contexts="16,64", batch="1,2", plot=str(out / "bench.png"),
-              out_json=str(out / "bench.json"), **FAST)
+    r = bench_command(str(rnn_dir), options=BenchSettings(contexts="16,64", batch="1,2", **FAST), threads=1,
+                      plot=str(out / "bench.png"), out_json=str(out / "bench.json"))
     return r, out
 
 
@@ -84,8 +85,9 @@ def test_render_names_every_cell(result):
 
 def test_kept_softmax_layers_and_capped_prefill(tiny_converted_dir):
     """A model with a kept softmax layer; a prefill cap of 0 extends the first real cache instead of prefilling."""
-    r = bench(str(tiny_converted_dir), contexts="8,40", batch="1", prefill_cap_s=0.0,
-              **{**FAST, "train_steps": 0, "generate_tokens": 0})
+    options = BenchSettings(contexts="8,40", batch="1", prefill_cap_s=0.0,
+                            **{**FAST, "train_steps": 0, "generate_tokens": 0})
+    r = bench_command(str(tiny_converted_dir), options=options, threads=1)
     rows = {(row["model"], row["context"]): row for row in r["rows"]}
     for model in ("original", "converted"):
         assert rows[(model, 8)]["cache_fill"] == "real prefill"
@@ -118,6 +120,17 @@ def test_parse_sizes():
     for bad in ("", "a,b", "0", "-4"):
         with pytest.raises(T2RError):
             parse_sizes(bad)
+
+
+def test_bench_settings():
+    """`t2r bench` takes one settings model: sizes as the command line writes them or as lists, checked."""
+    assert BenchSettings().contexts == [128, 1024, 4096, 16384] and BenchSettings().batch == [1, 8]
+    assert BenchSettings(contexts=[64, 16, 64]).contexts == [16, 64]
+    assert BenchSettings.parse({"contexts": "1k", "decode_tokens": "3"}).decode_tokens == 3
+    for bad, word in ((dict(contexts="a,b"), "--contexts"), (dict(decode_tokens="0"), "--decode-tokens"),
+                      (dict(warmup="-1"), "--warmup"), (dict(batch=[0]), "batch")):
+        with pytest.raises(T2RError, match=word):
+            BenchSettings.parse(bad, flag)
 
 
 def test_predict_seconds():

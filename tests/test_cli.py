@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
 import torch
 import transformers
+from pydantic import BaseModel
 
 import t2r
 import t2r.cli
@@ -24,6 +26,20 @@ from t2r.cli import app as cli_main, models as model_commands
 EXIT_USAGE = 2
 CONVERT_FLAGS = ["--feature-map", "t2r", "--feature-dim", "8"]
 
+
+def command_flags(fn) -> list[str]:
+    """The flags of a command function: one per keyword-only parameter (`as_json` is --json), one per field of a
+    parameter typed with a settings model."""
+    hints = typing.get_type_hints(fn)
+    flags = []
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        if isinstance(hints[name], type) and issubclass(hints[name], BaseModel):
+            flags += [f"--{field.replace('_', '-')}" for field in hints[name].model_fields]
+        else:
+            flags.append("--json" if name == "as_json" else f"--{name.replace('_', '-')}")
+    return flags
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -108,7 +124,7 @@ def test_verify_human(capsys, cli_out):
 
 
 def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
-    real_verify = model_commands.run_verify
+    real_verify = model_commands.verify
 
     def mismatching_verify(model, **kwargs):
         report = real_verify(model, **kwargs)
@@ -116,7 +132,7 @@ def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
         report["ok"] = False
         return report
 
-    monkeypatch.setattr(model_commands, "run_verify", mismatching_verify)
+    monkeypatch.setattr(model_commands, "verify", mismatching_verify)
     code, stdout, _ = run_cli(capsys, "verify", cli_out, "--tokens", 20, "--prefill", 7)
     assert code == 1
     assert "MISMATCH" in stdout and "0.5" in stdout
@@ -156,13 +172,12 @@ def test_installed_script_help():
     (stdout, stderr), code = results[("--help",)]
     assert code == 0, stderr
     for fn in cli_main.COMMANDS:
-        assert fn.__name__.replace("_", "-") in stdout
+        assert cli_main.command_name(fn) in stdout
     assert "--quiet" in stdout
 
     (stdout, stderr), code = results[("convert", "--help")]
     assert code == 0, stderr
-    params = inspect.signature(model_commands.convert).parameters
-    flags = [f"--{name.replace('_', '-')}" for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    flags = command_flags(model_commands.convert_command)
     assert len(flags) >= 10
     for flag in flags:
         assert flag in stdout, flag
@@ -171,11 +186,10 @@ def test_installed_script_help():
 
 def test_help_in_process_mentions_every_flag(capsys):
     for fn in cli_main.COMMANDS:
-        code, stdout, _ = run_cli(capsys, fn.__name__.replace("_", "-"), "--help")
+        code, stdout, _ = run_cli(capsys, cli_main.command_name(fn), "--help")
         assert code == 0
-        for name, p in inspect.signature(fn).parameters.items():
-            if p.kind is p.KEYWORD_ONLY:
-                assert f"--{name.replace('_', '-')}" in stdout, (fn.__name__, name)
+        for flag in command_flags(fn):
+            assert flag in stdout, (fn.__name__, flag)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -305,3 +319,70 @@ def test_generate_zero_new_tokens(capsys, cli_out):
     code, stdout, err = run_cli(capsys, "generate", cli_out, "--max-new-tokens", 0)
     assert_usage_error(code, err, "generate", "--max-new-tokens", "positive")
     assert stdout == ""
+
+
+# ---------------------------------------------------------------------------------- typed settings and --json
+
+
+def test_every_command_reports_with_json_and_no_name_shadows():
+    """Every command has --json (its parameter is `as_json`); no command or parameter is named after a builtin or a
+    standard module, or after something its own module defines or imports."""
+    import builtins
+
+    assert [cli_main.command_name(fn) for fn in cli_main.COMMANDS] == [
+        "convert", "generate", "verify", "data", "distill", "finetune", "eval", "lm-eval", "pipeline", "bench", "demo"]
+    taken = set(dir(builtins)) | set(sys.stdlib_module_names)
+    for fn in cli_main.COMMANDS:
+        params = inspect.signature(fn).parameters
+        assert "as_json" in params and "--json" in command_flags(fn), fn.__name__
+        assert fn.__name__ not in taken, fn.__name__
+        shadowing = [name for name in params if name in taken or name in fn.__globals__]
+        assert not shadowing, (fn.__name__, shadowing)
+
+
+@pytest.mark.parametrize("command, argv, words", [
+    ("distill", ["--lr", "abc"], ["--lr", "valid number", "'abc'"]),
+    ("distill", ["--tokens", "lots"], ["--tokens", "300k", "'lots'"]),
+    ("distill", ["--batch-size", "0"], ["--batch-size", "greater than 0"]),
+    ("distill", ["--tokenz", "3"], ["unrecognized", "--tokenz"]),
+    ("finetune", ["--lora", "-1"], ["--lora", "LoRA rank"]),
+    ("finetune", ["--kd", "x"], ["--kd", "'x'"]),
+    ("convert", ["--window", "1.5"], ["--window", "integer"]),
+    ("bench", ["--contexts", "a,b"], ["--contexts", "comma-separated"]),
+])
+def test_bad_settings_on_the_command_line(capsys, tmp_path, tiny_converted_dir, command, argv, words):
+    """A wrong type or an unknown flag: one line naming the flag, exit code 2, before anything is loaded."""
+    out = tmp_path / "out"
+    extra = [] if command == "bench" else ["--out", out]
+    code, stdout, err = run_cli(capsys, command, tiny_converted_dir, *extra, *argv)
+    assert_usage_error(code, err, command, *words)
+    assert stdout == ""
+    assert_nothing_written(out)
+
+
+def test_training_flags_and_json_on_every_quick_command(capsys, tmp_path, tiny_converted_dir):
+    """`t2r distill MODEL --tokens 256 --lr 0.01` as before the settings models; --json prints the result of data,
+    distill, finetune, eval and bench (convert, generate, verify and pipeline: above and in test_pipeline.py)."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
+    data = tmp_path / "data"
+    code, stdout, _ = run_cli(capsys, "data", text, "--out", data, "--model", tiny_converted_dir, "--block-size", 64,
+                              "--json")
+    assert code == 0 and json.loads(stdout)["block_size"] == 64
+    code, stdout, _ = run_cli(capsys, "distill", tiny_converted_dir, "--data", data, "--tokens", "256", "--lr", "0.01",
+                              "--eval-blocks", 1, "--no-progress", "--out", tmp_path / "distilled", "--json")
+    result = json.loads(stdout)
+    assert code == 0 and (result["steps"], result["tokens"]) == (4, 256)
+    state = json.loads((tmp_path / "distilled" / "train.json").read_text())
+    assert state["steps"] == 4
+    code, stdout, _ = run_cli(capsys, "finetune", tmp_path / "distilled", "--data", data, "--tokens", "128", "--lora",
+                              2, "--eval-blocks", 1, "--no-progress", "--out", tmp_path / "ft", "--json")
+    result = json.loads(stdout)
+    assert code == 0 and (result["steps"], result["lora"]) == (2, 2)
+    code, stdout, _ = run_cli(capsys, "eval", tmp_path / "ft", "--data", data, "--context", 64, "--max-blocks", 1,
+                              "--json")
+    assert code == 0 and json.loads(stdout)["student"]["ppl"] > 0
+    code, stdout, _ = run_cli(capsys, "bench", tmp_path / "ft", "--contexts", 16, "--batch", 1, "--decode-tokens", 2,
+                              "--warmup", 0, "--train-steps", 0, "--generate-tokens", 0, "--threads", 1, "--json")
+    result = json.loads(stdout)
+    assert code == 0 and result["contexts"] == [16] and result["decode_tokens"] == 2

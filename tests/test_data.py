@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from t2r import data
-from t2r.cli.training import data as data_command
+from t2r.cli.training import data_command
 from t2r.data import DataError, TokenBlocks, build_blocks, load_documents, prepare_data
 
 

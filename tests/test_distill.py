@@ -14,11 +14,11 @@ from conftest import tiny_model
 from t2r.attention import repeat_heads
 from t2r.data import DataError, TokenBlocks
 from t2r.cli.render import render_distill
-from t2r.cli.training import distill
+from t2r.cli.training import distill_command
 from t2r.stages.distill import attention_transfer
 from t2r.transfer import AttentionTransfer, attention_rows, layer_errors, softmax_attention
 from t2r.errors import NotAT2RModelError, T2RError
-from t2r.train import TrainConfig, TrainError
+from t2r.train import DistillSettings, SettingsError, TrainConfig
 
 
 def converted(tokenizer, family="llama", window=0, feature_map="hedgehog", feature_dim=8):
@@ -119,19 +119,23 @@ def test_bad_inputs(tmp_path, tokenizer, tiny_model_dir, tiny_converted_dir):
     text.write_text("It is a truth universally acknowledged. " * 40)
     common = dict(data=str(text), block_size=64, progress=False)
     with pytest.raises(NotAT2RModelError, match="t2r convert"):
-        distill(str(tiny_model_dir), out=str(tmp_path / "o1"), **common)
-    with pytest.raises(TrainError):
-        distill(str(tiny_converted_dir), tokens="0", out=str(tmp_path / "o2"), **common)
-    with pytest.raises(TrainError):
-        distill(str(tiny_converted_dir), tokens="lots", out=str(tmp_path / "o3"), **common)
+        distill_command(str(tiny_model_dir), out=str(tmp_path / "o1"), **common)
+    with pytest.raises(SettingsError, match="tokens: the token budget must be positive"):
+        distill_command(str(tiny_converted_dir), options=DistillSettings.parse({"tokens": "0"}),
+                        out=str(tmp_path / "o2"), **common)
+    with pytest.raises(SettingsError, match="tokens: a token budget is a number of tokens"):
+        distill_command(str(tiny_converted_dir), options=DistillSettings.parse({"tokens": "lots"}),
+                        out=str(tmp_path / "o3"), **common)
     with pytest.raises(DataError, match="unknown data source"):
-        distill(str(tiny_converted_dir), data="no-such-corpus", out=str(tmp_path / "o4"), progress=False)
+        distill_command(str(tiny_converted_dir), data="no-such-corpus", out=str(tmp_path / "o4"), progress=False)
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="empty"):
-        distill(str(tiny_converted_dir), data=str(tmp_path / "empty.txt"), out=str(tmp_path / "o5"), progress=False)
+        distill_command(str(tiny_converted_dir), data=str(tmp_path / "empty.txt"), out=str(tmp_path / "o5"),
+                        progress=False)
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(DataError, match="fewer than one block"):
-        distill(str(tiny_converted_dir), data=str(tmp_path / "short.txt"), out=str(tmp_path / "o6"), progress=False)
+        distill_command(str(tiny_converted_dir), data=str(tmp_path / "short.txt"), out=str(tmp_path / "o6"),
+                        progress=False)
     with pytest.raises(T2RError, match="nothing to distill"):
         attention_transfer(converted(tokenizer, feature_map="elu", feature_dim=None), blocks(), tmp_path / "o7",
                            config())
@@ -144,8 +148,8 @@ def test_distill_command_end_to_end(tmp_path, tiny_converted_dir):
     text = tmp_path / "corpus.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
     out = tmp_path / "distilled"
-    r = distill(str(tiny_converted_dir), data=str(text), tokens="1k", out=str(out), block_size=64, eval_blocks=1,
-                progress=False)
+    r = distill_command(str(tiny_converted_dir), data=str(text), options=DistillSettings(tokens="1k", eval_blocks=1),
+                        out=str(out), block_size=64, progress=False)
     assert r["steps"] == 16 and r["tokens"] == 1024 and r["eval_after"]["ppl"] > 0
     json.dumps(r)
     assert "held-out ppl" in render_distill(r)

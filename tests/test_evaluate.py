@@ -16,7 +16,7 @@ import t2r
 from t2r import cli
 from t2r.data import DataError, prepare_data
 from t2r.errors import T2RError
-from t2r.cli.evaluation import eval as run_eval
+from t2r.cli.evaluation import eval_command as run_eval
 from t2r.cli.render import render_eval
 from t2r.evaluate import count_words, perplexity, predicted_bytes, rolling_windows, text_perplexity
 

@@ -13,9 +13,9 @@ from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
 from t2r.cli.render import render_finetune
-from t2r.cli.training import finetune
-from t2r.stages.finetune import LanguageModeling, finetune_model
-from t2r.train import TrainConfig
+from t2r.cli.training import finetune_command
+from t2r.stages.finetune import Finetuning, LanguageModeling, finetune_model
+from t2r.train import FinetuneSettings, SettingsError, TrainConfig
 
 
 def converted(tokenizer, family="llama"):
@@ -53,8 +53,8 @@ def test_lora_lowers_the_loss_and_exports_the_merged_model(tmp_path, tokenizer, 
             with torch.no_grad():
                 seen["logits"] = model(ids).logits  # base + unmerged adapters (peft injected them in place)
 
-    summary = finetune_model(model, blocks(), tmp_path / "lora", config(lr=1e-2), tokenizer=tokenizer, lora=4,
-                             on_step=before_export)
+    summary = finetune_model(model, blocks(), tmp_path / "lora", config(lr=1e-2), tokenizer=tokenizer,
+                             method=Finetuning(lora=4), on_step=before_export)
     assert summary["eval_after"]["nll"] < summary["eval_before"]["nll"] - 0.1
     loaded = t2r.load(tmp_path / "lora")
     assert not any("lora" in k for k in loaded.state_dict())
@@ -73,7 +73,7 @@ def test_kd_adds_a_kl_term(tmp_path, tokenizer):
     assert outputs["kl"] > 0
     torch.testing.assert_close(outputs["loss"], outputs["lm_loss"] + 0.5 * outputs["kl"])
     summary = finetune_model(converted(tokenizer), blocks(), tmp_path / "kd", config(steps=4), tokenizer=tokenizer,
-                             lora=2, kd=1.0)
+                             method=Finetuning(lora=2, kd=1.0))
     record = json.loads((tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()[1])
     assert record["kind"] == "train" and record["kl"] >= 0 and summary["steps"] == 4
 
@@ -87,11 +87,12 @@ def test_resume_equals_uninterrupted(tmp_path, tokenizer, lora):
         if step == 5:
             raise Crash
 
-    finetune_model(converted(tokenizer), blocks(), tmp_path / "a", config(), tokenizer=tokenizer, lora=lora, kd=0.5)
+    method = Finetuning(lora=lora, kd=0.5)
+    finetune_model(converted(tokenizer), blocks(), tmp_path / "a", config(), tokenizer=tokenizer, method=method)
     with pytest.raises(Crash):
-        finetune_model(converted(tokenizer), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, lora=lora,
-                       kd=0.5, on_step=crash)
-    finetune_model(converted(tokenizer), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, lora=lora, kd=0.5,
+        finetune_model(converted(tokenizer), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, method=method,
+                       on_step=crash)
+    finetune_model(converted(tokenizer), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, method=method,
                    resume=True)
     a, b = t2r.load(tmp_path / "a").state_dict(), t2r.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -99,15 +100,19 @@ def test_resume_equals_uninterrupted(tmp_path, tokenizer, lora):
 
 def test_bad_inputs(tmp_path, tokenizer, tiny_converted_dir):
     with pytest.raises(T2RError, match="LoRA rank"):
-        finetune_model(converted(tokenizer), blocks(), tmp_path / "o1", config(), lora=-1)
-    with pytest.raises(T2RError, match="LoRA rank"):
-        finetune(str(tiny_converted_dir), lora=-2, out=str(tmp_path / "o2"), progress=False)
+        finetune_model(converted(tokenizer), blocks(), tmp_path / "o1", config(), method=Finetuning(lora=-1))
+    with pytest.raises(SettingsError, match="LoRA rank"):
+        finetune_command(str(tiny_converted_dir), options=FinetuneSettings.parse({"lora": -2}),
+                         out=str(tmp_path / "o2"), progress=False)
     with pytest.raises(T2RError, match="lora-modules"):
-        finetune_model(converted(tokenizer), blocks(), tmp_path / "o3", config(), lora=2, lora_modules="q_proj;rm")
-    with pytest.raises(T2RError, match="budget"):
-        finetune(str(tiny_converted_dir), tokens="0", out=str(tmp_path / "o4"), progress=False)
+        finetune_model(converted(tokenizer), blocks(), tmp_path / "o3", config(),
+                       method=Finetuning(lora=2, lora_modules="q_proj;rm"))
+    with pytest.raises(SettingsError, match="budget"):
+        finetune_command(str(tiny_converted_dir), options=FinetuneSettings.parse({"tokens": "0"}),
+                         out=str(tmp_path / "o4"), progress=False)
     with pytest.raises(T2RError, match="--kd"):
-        finetune(str(tiny_converted_dir), teacher=str(tiny_converted_dir), out=str(tmp_path / "o5"), progress=False)
+        finetune_command(str(tiny_converted_dir), teacher=str(tiny_converted_dir), out=str(tmp_path / "o5"),
+                         progress=False)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
 
 
@@ -123,42 +128,54 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer, tiny_con
     text = tmp_path / "corpus.txt"
     text.write_text("a b " * 200)
     with pytest.raises(T2RError, match="another tokenizer"):
-        finetune(str(tiny_converted_dir), data=str(text), kd=1.0, teacher=str(teacher_dir), out=str(tmp_path / "o"),
-                 block_size=32, progress=False)
+        finetune_command(str(tiny_converted_dir), data=str(text), options=FinetuneSettings(kd=1.0),
+                         teacher=str(teacher_dir), out=str(tmp_path / "o"), block_size=32, progress=False)
     assert not (tmp_path / "o").exists()
 
 
 def test_finetune_command_end_to_end(tmp_path, tiny_converted_dir, tiny_model_dir):
     text = tmp_path / "corpus.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
-    common = dict(data=str(text), tokens="512", block_size=64, eval_blocks=1, progress=False)
-    r = finetune(str(tiny_converted_dir), lora=2, kd=1.0, out=str(tmp_path / "ft"), **common)
+    common = dict(data=str(text), block_size=64, progress=False)
+    r = finetune_command(str(tiny_converted_dir), options=FinetuneSettings(tokens="512", eval_blocks=1, lora=2, kd=1.0),
+                         out=str(tmp_path / "ft"), **common)
     assert r["steps"] == 8 and r["lora"] == 2 and r["eval_after"]["ppl"] > 0
     json.dumps(r)
     assert "LoRA rank 2" in render_finetune(r) and "KD 1.0" in render_finetune(r)
     assert t2r.load(tmp_path / "ft").config.t2r["keep_softmax_layers"] == [1]
     # a plain (never converted) model: the baseline "teacher finetuned on the same tokens"
-    r = finetune(str(tiny_model_dir), out=str(tmp_path / "baseline"), **common)
+    r = finetune_command(str(tiny_model_dir), options=FinetuneSettings(tokens="512", eval_blocks=1),
+                         out=str(tmp_path / "baseline"), **common)
     assert r["steps"] == 8 and (tmp_path / "baseline" / "config.json").is_file()
 
 
 def test_command_functions_make_valid_cli_parsers(capsys):
-    """`t2r.cli` turns the signature and the `Args:` lines into the command line: every parameter documented, help
-    renders, flags parse into the function's keyword arguments."""
+    """`t2r.cli` turns the signature and the `Args:` lines into the command line, and a settings model into one flag
+    per field: every parameter documented, help renders, flags parse into the function's keyword arguments."""
     import argparse
     import inspect
 
     from t2r import cli
-    from t2r.cli.training import distill
+    from t2r.cli.training import distill_command
+    from t2r.train import DistillSettings
 
     parser = argparse.ArgumentParser(prog="t2r")
     sub = parser.add_subparsers(dest="command")
-    for fn in (distill, finetune):
+    for fn in (distill_command, finetune_command):
         assert cli.app._param_help(inspect.getdoc(fn)).keys() == set(inspect.signature(fn).parameters)
         cli.app._add_command(sub, fn)
         with pytest.raises(SystemExit):
-            parser.parse_args([fn.__name__, "--help"])
-        assert "--resume" in capsys.readouterr().out
+            parser.parse_args([cli.app.command_name(fn), "--help"])
+        help_text = capsys.readouterr().out
+        assert "--resume" in help_text and "--tokens" in help_text and "(default: 300k)" in help_text
     args = vars(parser.parse_args(["finetune", "runs/x", "--lora", "8", "--kd", "0.5", "--no-progress",
                                    "--lr", "1e-4", "--tokens", "1M"]))
-    assert (args["lora"], args["kd"], args["progress"], args["lr"], args["tokens"]) == (8, 0.5, False, 1e-4, "1M")
+    kwargs = cli.app.call_arguments(finetune_command, args)
+    options = kwargs["options"]
+    assert (options.lora, options.kd, kwargs["progress"], options.lr, options.tokens) == (8, 0.5, False, 1e-4,
+                                                                                        1_000_000)
+    assert kwargs["model"] == "runs/x" and options.eval_every == 100 and options.eval_blocks == 16
+    kwargs = cli.app.call_arguments(distill_command, vars(parser.parse_args(["distill", "runs/x"])))
+    assert kwargs["options"] == DistillSettings()  # the defaults of `t2r distill`: lr 3e-2, eval every 250 steps
+    assert (kwargs["options"].lr, kwargs["options"].eval_every, kwargs["options"].eval_blocks) == (3e-2, 250, 8)
+    assert FinetuneSettings().lr == 3e-5 and FinetuneSettings(lora=4).lr == 2e-4  # the default lr follows --lora

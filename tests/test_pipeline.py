@@ -1,4 +1,5 @@
-"""`t2r pipeline` on a tiny model and a small text: every stage runs, the report is written, a rerun resumes."""
+"""`t2r pipeline` on a tiny model and a small text: every stage runs, the report is written, a rerun resumes;
+recipes are typed, overridable on the command line, and a bad key is one line naming it and the file."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import t2r
 from t2r.cli import main
-from t2r.stages.pipeline import PipelineRecipe, RecipeFileError, parse_keep_softmax, worst_layers
+from t2r.stages.pipeline import worst_layers
+from t2r.stages.recipes import PipelineRecipe, RecipeFileError, parse_keep_softmax, shipped_recipes
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
@@ -56,10 +58,10 @@ def test_pipeline_end_to_end_and_resume(recipe_file, tmp_path, capsys):
 def test_recipe_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nconvrt: {}\n")
-    with pytest.raises(RecipeFileError, match="unknown recipe entries"):
+    with pytest.raises(RecipeFileError, match="convrt: unknown setting; known: name, model"):
         PipelineRecipe.from_file(bad)
     bad.write_text("name: x\ndistill: {tokenz: 3}\n")
-    with pytest.raises(RecipeFileError, match="unknown distill settings"):
+    with pytest.raises(RecipeFileError, match="distill.tokenz: unknown setting; known: tokens"):
         PipelineRecipe.from_file(bad)
     with pytest.raises(RecipeFileError, match="does not exist"):
         PipelineRecipe.from_file(tmp_path / "missing.yaml")
@@ -71,8 +73,6 @@ def test_recipe_errors(tmp_path):
 
 
 def test_shipped_recipes_parse():
-    from t2r.stages.pipeline import shipped_recipes
-
     recipes = shipped_recipes()
     assert {"t2r-paper", "random-init-baseline", "t2r-transfer", "hedgehog-transfer", "hybrid-window-auto",
             "demo"} <= set(recipes)
@@ -97,7 +97,7 @@ def test_pipeline_random_init_baseline(recipe_file, tmp_path, tiny_model_dir, ca
         assert not torch.equal(student[name], teacher[name]), name
     recipe["init"] = "scratch"
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(RecipeFileError, match="init must be one of"):
+    with pytest.raises(RecipeFileError, match="init: must be one of pretrained, random, got 'scratch'"):
         PipelineRecipe.from_file(path)
 
 
@@ -110,7 +110,7 @@ def test_pipeline_teacher_finetune_is_the_reference_and_the_kd_teacher(recipe_fi
     real = t2r.stages.pipeline.finetune_model
 
     def spy(model, *args, **kwargs):
-        calls.append(kwargs.get("teacher"))
+        calls.append(kwargs["method"].teacher)
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(t2r.stages.pipeline, "finetune_model", spy)
@@ -133,5 +133,70 @@ def test_pipeline_teacher_finetune_is_the_reference_and_the_kd_teacher(recipe_fi
     assert all(torch.equal(kd_teacher[k], saved[k]) for k in saved)
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("teacher_finetune:", "teacher_finetune:\n  kd: 1\n", 1))
-    with pytest.raises(RecipeFileError, match="unknown teacher_finetune settings"):
+    with pytest.raises(RecipeFileError, match="teacher_finetune: kd is not a setting here"):
         PipelineRecipe.from_file(bad)
+
+
+# ------------------------------------------------------------------------ typed recipes, overrides, stage records
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(code: int, err: str, *words: str) -> str:
+    """Exit code 2 and exactly one `t2r pipeline: error:` line, the last one, holding `words`."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("t2r pipeline: error:")]
+    assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("section, entry, words", [
+    ("distill", {"tokenz": 3}, ["distill.tokenz", "unknown setting", "known: tokens"]),
+    ("distill", {"lr": "fast"}, ["distill.lr", "valid number", "'fast'"]),
+    ("convert", {"window": "x"}, ["convert.window", "valid integer"]),
+    ("eval", {"max_blocks": 0}, ["eval.max_blocks", "greater than 0"]),
+    ("finetune", {"lora": -1}, ["finetune.lora", "LoRA rank"]),
+])
+def test_a_bad_key_or_value_in_the_file_is_one_line(recipe_file, tmp_path, capsys, section, entry, words):
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe[section] = {**recipe[section], **entry}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, stdout, err = run_cli(capsys, "pipeline", "--config", path, "--out", tmp_path / "run")
+    error_line(code, err, f"recipe {path}:", *words)
+    assert stdout == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--distill.tokenz", "4k"], ["--distill.tokenz (command line)", "unknown setting", "tiny.yaml"]),
+    (["--eval.max_blocks", "two"], ["--eval.max_blocks (command line)", "valid integer", "'two'"]),
+    (["--distill.tokens"], ["--distill.tokens needs a value"]),
+    (["--name.first", "x"], ["--name.first", "name is not a section"]),
+])
+def test_a_bad_override_is_one_line(recipe_file, tmp_path, capsys, argv, words):
+    code, stdout, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", tmp_path / "run", *argv)
+    error_line(code, err, *words)
+    assert stdout == "" and not (tmp_path / "run").exists()
+
+
+def test_overrides_set_any_recipe_value(recipe_file, tmp_path, capsys):
+    """`--distill.tokens 128` (YAML values, dotted keys) replaces the file's value; `--finetune null` drops a stage."""
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--distill.steps", 0,
+                                "--distill.tokens", "128", "--eval.max_blocks=1", "--keep_softmax", "null",
+                                "--finetune", "null", "--json")
+    assert code == 0, err
+    results = json.loads(stdout)
+    assert results["recipe"]["distill"]["tokens"] == 128 and results["recipe"]["eval"]["max_blocks"] == 1
+    assert [row["stage"] for row in results["stages"]][-1] == "after stage 1 (attention transfer)"
+    assert json.loads((out / "distill" / "train.json").read_text())["steps"] == 2  # 128 tokens, 64 per step

@@ -20,7 +20,7 @@ import t2r
 from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
-from t2r.stages.finetune import finetune_model
+from t2r.stages.finetune import Finetuning, finetune_model
 from t2r.train import (METRICS, BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError,
                        check_distributed, lr_factor, parse_tokens)
 
@@ -168,19 +168,20 @@ def test_training_draws_from_its_own_seeded_rng(tmp_path, tokenizer):
         return t2r.convert(model, feature_map="hedgehog", feature_dim=8)
 
     students = [dropout_student() for _ in range(3)]
+    lora = Finetuning(lora=2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    finetune_model(students[0], blocks(), tmp_path / "a", config(), tokenizer=tokenizer, lora=2)
+    finetune_model(students[0], blocks(), tmp_path / "a", config(), tokenizer=tokenizer, method=lora)
     assert torch.equal(torch.get_rng_state(), before)
     torch.manual_seed(456)
     with pytest.raises(Crash):
-        finetune_model(students[1], blocks(), tmp_path / "b", config(), tokenizer=tokenizer, lora=2,
+        finetune_model(students[1], blocks(), tmp_path / "b", config(), tokenizer=tokenizer, method=lora,
                        on_step=crash_at(3))
     torch.randn(10)  # the caller's RNG moves on between the two runs
-    finetune_model(dropout_student(), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, lora=2,
+    finetune_model(dropout_student(), blocks(), tmp_path / "b", config(), tokenizer=tokenizer, method=lora,
                    resume=True)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
-    finetune_model(students[2], blocks(), tmp_path / "c", config(seed=1), tokenizer=tokenizer, lora=2)
+    finetune_model(students[2], blocks(), tmp_path / "c", config(seed=1), tokenizer=tokenizer, method=lora)
     a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed matters: the RNG is really drawn from
 
@@ -207,7 +208,7 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from conftest import byte_tokenizer
 from test_train import blocks, config, student
-from t2r.stages.finetune import finetune_model
+from t2r.stages.finetune import Finetuning, finetune_model
 
 def kill(step, record):
     if step == 4:

@@ -27,33 +27,15 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from ..adapters import RecurrentLayer, cache_bytes, original_model
 from ..decode import decode, iter_decode
-from ..errors import T2RError
 from ..generate import new_cache
 from .report import ratios, targets
+from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
-
-
-def parse_sizes(spec: str, what: str = "--contexts") -> list[int]:
-    """"128,1k,4k,16k" -> [128, 1024, 4096, 16384] (k = 1024), sorted and unique."""
-    sizes = set()
-    for part in spec.replace(" ", "").lower().split(","):
-        if not part:
-            continue
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            value = int(float(part[:-1] if scale > 1 else part) * scale)
-        except ValueError:
-            raise T2RError(f"{what} takes comma-separated sizes like 128,1k,4k (k = 1024); got {spec!r}") from None
-        if value <= 0:
-            raise T2RError(f"{what} sizes must be positive; got {part!r} in {spec!r}")
-        sizes.add(value)
-    if not sizes:
-        raise T2RError(f"{what} is empty; give sizes like 128,1k,4k")
-    return sorted(sizes)
 
 
 def peak_rss_bytes() -> int:
@@ -281,21 +263,20 @@ def _prepare_context(models: dict, sources: dict, history: dict, length: int, *,
     return caches, info
 
 
-def measure_rows(models: dict, contexts: list[int], batches: list[int], *, decode_tokens: int, warmup: int,
-                 device: torch.device, vocab: int, prefill_cap_s: float, decode_cap_s: float,
-                 prefill_chunk: int | None = None) -> list[dict]:
+def measure_rows(models: dict, options: BenchSettings, *, device: torch.device, vocab: int) -> list[dict]:
     """One row per (model, context, batch); contexts ascending so each real prefill can seed the next ones."""
     sources, history, rows = {n: None for n in models}, {n: [] for n in models}, []
-    for length in contexts:
+    for length in options.contexts:
         caches, info = _prepare_context(models, sources, history, length, device=device, vocab=vocab,
-                                        cap_s=prefill_cap_s, chunk=prefill_chunk)
+                                        cap_s=options.prefill_cap_s, chunk=options.prefill_chunk or None)
         log.info("context %d: prefill %s", length, {n: i["prefill_seconds"] for n, i in info.items()})
-        for batch in batches:
+        for batch in options.batch:
             row_caches = {n: copy_cache(caches[n], batch) for n in models}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times, cpu, steps = interleaved_decode(models, row_caches, batch=batch, steps=decode_tokens, warmup=warmup,
-                                              device=device, vocab=vocab, cap_s=decode_cap_s)
+            times, cpu, steps = interleaved_decode(models, row_caches, batch=batch, steps=options.decode_tokens,
+                                                   warmup=options.warmup, device=device, vocab=vocab,
+                                                   cap_s=options.decode_cap_s)
             for name in models:
                 ms = statistics.median(times[name]) * 1e3
                 row = {"model": name, "context": length, "batch": batch, "decode_ms_per_token": ms,
@@ -315,38 +296,33 @@ def measure_rows(models: dict, contexts: list[int], batches: list[int], *, decod
     return rows
 
 
-def run_bench(converted, *, contexts: list[int], batches: list[int], decode_tokens: int = 32, warmup: int = 4,
-              device: str | torch.device = "cpu", prefill_cap_s: float = 120.0, decode_cap_s: float = 120.0,
-              train_seq: int = 2048, train_steps: int = 2, generate_tokens: int = 16,
-              prefill_chunk: int | None = 2048) -> dict:
-    """Measure `converted` against `original_model(converted)`; returns the JSON-able result (see module doc)."""
+def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: str | torch.device = "cpu") -> dict:
+    """Measure `converted` against `original_model(converted)` as `options` say; returns the JSON-able result (see
+    the module doc)."""
     device = torch.device(device)
     converted = own_weights(converted.to(device).eval())
     models = {"original": original_model(converted).eval(), "converted": converted}
     vocab = converted.config.get_text_config(decoder=True).vocab_size
     param = next(converted.parameters())
-    import transformers
-
     result = {"machine": machine_info(device), "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": torch.get_num_threads(), "dtype": str(param.dtype).replace("torch.", ""),
               "model": getattr(converted.config, "_name_or_path", ""), "recipe": converted.config.t2r,
-              "contexts": contexts, "batches": batches, "decode_tokens": decode_tokens, "warmup": warmup,
-              "prefill_cap_s": prefill_cap_s, "decode_cap_s": decode_cap_s, "prefill_chunk": prefill_chunk,
+              "contexts": options.contexts, "batches": options.batch, "decode_tokens": options.decode_tokens,
+              "warmup": options.warmup, "prefill_cap_s": options.prefill_cap_s, "decode_cap_s": options.decode_cap_s,
+              "prefill_chunk": options.prefill_chunk or None,
               "load_average_start": os.getloadavg()}  # other processes on the machine skew every timing
     log.info("weight floor")
     result["weight_floor_ms"] = weight_floor_ms(models["original"], device)
-    if generate_tokens > 0:
-        log.info("HF generate vs the lean decode loop at context %d", contexts[0])
-        result["generate_loop"] = generate_overhead(models, context=contexts[0], tokens=generate_tokens,
-                                                    device=device, vocab=vocab)
-    result["rows"] = measure_rows(models, contexts, batches, decode_tokens=decode_tokens, warmup=warmup,
-                                  device=device, vocab=vocab, prefill_cap_s=prefill_cap_s,
-                                  decode_cap_s=decode_cap_s, prefill_chunk=prefill_chunk)
+    if options.generate_tokens > 0:
+        log.info("HF generate vs the lean decode loop at context %d", options.contexts[0])
+        result["generate_loop"] = generate_overhead(models, context=options.contexts[0],
+                                                    tokens=options.generate_tokens, device=device, vocab=vocab)
+    result["rows"] = measure_rows(models, options, device=device, vocab=vocab)
     result["ratios"] = ratios(result["rows"])
-    if train_steps > 0:
-        log.info("training step throughput at seq %d", train_seq)
-        result["train_tokens_per_s"] = {"seq": train_seq, "batch": 1, **train_tokens_per_s(
-            models, seq=train_seq, steps=train_steps, device=device, vocab=vocab)}
+    if options.train_steps > 0:
+        log.info("training step throughput at seq %d", options.train_seq)
+        result["train_tokens_per_s"] = {"seq": options.train_seq, "batch": 1, **train_tokens_per_s(
+            models, seq=options.train_seq, steps=options.train_steps, device=device, vocab=vocab)}
     result["load_average_end"] = os.getloadavg()
     result["targets"] = targets(result)
     result["notes"] = notes(result)

@@ -3,6 +3,7 @@ human-readable table and the matplotlib plot. Nothing here measures; every funct
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..errors import T2RError
@@ -72,7 +73,6 @@ def targets(result: dict) -> list[dict]:
     base = next(((c, t) for c, t in real if c >= 1024), real[0] if real else None)
     exponent = None
     if base and real and real[-1][0] > base[0]:  # time ~ L^p: p = 1 + log(tps_base / tps_last) / log(L ratio)
-        import math
         exponent = 1 + math.log(base[1] / real[-1][1]) / math.log(real[-1][0] / base[0])
     out.append(_target(f"converted prefill time growth exponent p (time ~ L^p) from {base and base[0]} to "
                        f"{real and real[-1][0]}", exponent, 1.15, False))

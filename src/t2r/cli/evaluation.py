@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json as jsonlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import original_model
-from ..bench import parse_sizes, plot_bench, run_bench
+from ..bench import BenchSettings, plot_bench, run_bench
 from ..data import load_documents, prepare_data, read_meta
 from ..errors import T2RError
 from ..evaluate import DEFAULT_BLOCK_SIZE, SPLITS, perplexity, predicted_bytes, text_perplexity
@@ -47,7 +47,6 @@ def _load(model: str):
 
 
 def _is_converted_dir(path: Path) -> bool:
-
     return is_t2r_dir(path)
 
 
@@ -70,9 +69,9 @@ def _check_args(split: str, context: int, max_blocks: int | None, batch_size: in
         raise T2RError(f"--batch-size must be positive, got {batch_size}")
 
 
-def eval(model: str, *, data: str = "austen", split: str = "heldout", context: int = 512,
-         max_blocks: int | None = None, batch_size: int = 4, text: str | None = None, teacher: bool = True,
-         teacher_model: str | None = None, json: bool = False) -> dict:
+def eval_command(model: str, *, data: str = "austen", split: str = "heldout", context: int = 512,
+                 max_blocks: int | None = None, batch_size: int = 4, text: str | None = None, teacher: bool = True,
+                 teacher_model: str | None = None, as_json: bool = False) -> dict:
     """Perplexity of a converted model beside its original (the teacher) on the same tokens.
 
     Args:
@@ -88,7 +87,7 @@ def eval(model: str, *, data: str = "austen", split: str = "heldout", context: i
         teacher: also evaluate the teacher: the original softmax model rebuilt from the converted model's weights.
         teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
             model after full finetuning, which changes the weights the rebuilt original would use.
-        json: print the result as JSON.
+        as_json: print the result as JSON.
     """
     _check_args(split, context, max_blocks, batch_size)
     start = time.perf_counter()
@@ -128,9 +127,9 @@ def eval(model: str, *, data: str = "austen", split: str = "heldout", context: i
     return result
 
 
-def lm_eval(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, original: bool = False,
-            context: int = 512, limit: int | None = None, batch_size: int = 1, austen_blocks: int = AUSTEN_BLOCKS,
-            device: str = "cpu", json: bool = False) -> dict:
+def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, original: bool = False,
+                    context: int = 512, limit: int | None = None, batch_size: int = 1,
+                    austen_blocks: int = AUSTEN_BLOCKS, device: str = "cpu", as_json: bool = False) -> dict:
     """Run lm-evaluation-harness on a model, with t2r imported and its local tasks available.
 
     Args:
@@ -143,12 +142,12 @@ def lm_eval(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, orig
         batch_size: windows per forward pass.
         austen_blocks: held-out Austen blocks of 512 tokens in the default text.
         device: cpu, cuda, cuda:0, ...
-        json: print the result as JSON.
+        as_json: print the result as JSON.
     """
     require_lm_eval()
+    import lm_eval
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-
 
     if context < 2:
         raise T2RError(f"--context must be at least 2 tokens, got {context}")
@@ -172,53 +171,34 @@ def lm_eval(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, orig
                               bootstrap_iters=0)
     if results is None:  # a non-zero rank in a distributed run
         return {}
-    import lm_eval as _lm_eval_package
-
     return {"model": model, "which": which, "tasks": task_list, "text": text, "context": context,
-            "limit": limit, "lm_eval_version": getattr(_lm_eval_package, "__version__", "unknown"),
+            "limit": limit, "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
             "results": task_metrics(results["results"]), "seconds": round(time.perf_counter() - start, 2)}
 
 
-def bench(model: str, *, contexts: str = "128,1k,4k,16k", batch: str = "1,8", decode_tokens: int = 32,
-          warmup: int = 4, plot: str | None = None, out_json: str | None = None, threads: int | None = None,
-          device: str = "cpu", prefill_cap_s: float = 120.0, decode_cap_s: float = 120.0, train_seq: int = 2048,
-          train_steps: int = 2, generate_tokens: int = 16, prefill_chunk: int = 2048, json: bool = False) -> dict:
+def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot: str | None = None,
+                  out_json: str | None = None, threads: int | None = None, device: str = "cpu",
+                  as_json: bool = False) -> dict:
     """Measure decode speed, prefill speed and memory of a converted model against its original.
 
     Args:
         model: directory of a converted model (from `t2r convert`); its original is rebuilt from the same weights.
-        contexts: context lengths, comma-separated (k = 1024).
-        batch: batch sizes, comma-separated.
-        decode_tokens: timed decode steps per (model, context, batch); the median is reported.
-        warmup: untimed decode steps before them.
+        options: what to measure.
         plot: write a PNG plot (decode ms/token and cache bytes vs context) to this file; needs matplotlib.
         out_json: write the full result as JSON to this file.
         threads: torch CPU threads (default: torch's own choice).
         device: torch device to run on, e.g. cpu or cuda.
-        prefill_cap_s: skip a real prefill predicted to take longer; its cache is then extended from a shorter one.
-        decode_cap_s: cut a row's decode steps (to no fewer than 8) when it would take longer than this.
-        train_seq: sequence length of the training-step throughput measurement.
-        train_steps: timed training steps per model (0 = skip the measurement).
-        generate_tokens: tokens per run when timing HF generate against the lean decode loop (0 = skip).
-        prefill_chunk: prefill in forwards of this many tokens, carrying the cache (0 = one forward per context).
-        json: print the result as JSON.
+        as_json: print the result as JSON.
     """
-
-    if decode_tokens < 1 or warmup < 0:
-        raise T2RError(f"need --decode-tokens >= 1 and --warmup >= 0, got {decode_tokens} and {warmup}")
     if threads is not None and threads < 1:
         raise T2RError(f"--threads must be >= 1, got {threads}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
-    sizes, batches = parse_sizes(contexts), parse_sizes(batch, "--batch")
     converted = load(model)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        result = run_bench(converted, contexts=sizes, batches=batches, decode_tokens=decode_tokens, warmup=warmup,
-                           device=device, prefill_cap_s=prefill_cap_s, decode_cap_s=decode_cap_s,
-                           train_seq=train_seq, train_steps=train_steps, generate_tokens=generate_tokens,
-                           prefill_chunk=prefill_chunk or None)
+        result = run_bench(converted, options, device=device)
     finally:
         torch.set_num_threads(previous)
     result["model"] = str(model)
@@ -226,6 +206,6 @@ def bench(model: str, *, contexts: str = "128,1k,4k,16k", batch: str = "1,8", de
         result["plot"] = str(plot_bench(result, plot))
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(jsonlib.dumps(result, indent=2) + "\n")
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
         result["json_file"] = str(out_json)
     return result

@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 import time
 
-from ..convert import convert as run_convert
-from ..convert import count_linear_layers, reinitialize
+from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
-from ..generate import Sampling
-from ..generate import generate as run_generate
+from ..generate import Sampling, generate
 from ..persistence import load, load_tokenizer, save
 from ..recipe import INITS
 from ..sources import load_model
-from ..verify import verify as run_verify
+from ..stages.recipes import ConvertSettings
+from ..verify import verify
 
 log = logging.getLogger("t2r")
 
@@ -21,44 +20,29 @@ log = logging.getLogger("t2r")
 DEMO_PROMPT = "It is a truth universally acknowledged"
 
 
-def _layers(spec: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in spec.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise T2RError(f"--keep-softmax-layers takes comma-separated layer indices like 0,15; got {spec!r}") from None
-
-
-def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str = "hedgehog",
-            feature_dim: int | None = None, window: int = 0, keep_softmax_layers: str = "",
-            tie_qk: bool | None = None, chunk_size: int = 64, seed: int = 0, init: str = "pretrained",
-            overwrite: bool = False, json: bool = False) -> dict:
+def convert_command(model: str | None = None, *, options: ConvertSettings = ConvertSettings(),
+                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False,
+                    as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
         model: GGUF file, HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct.
-        out: directory to write the converted model to (safetensors + JSON, written atomically).
-        feature_map: feature map name: elu, hedgehog, performer, relu, rfa, t2r, taylor.
-        feature_dim: feature size of the map (default: the map's own, e.g. 64 for hedgehog, head_dim for elu).
-        window: sliding softmax window of this many recent tokens beside the linear part (0: pure linear).
-        keep_softmax_layers: comma-separated layer indices that keep softmax attention, e.g. 0,15.
-        tie_qk: share one feature map between queries and keys (default: the map's own choice).
-        chunk_size: chunk length of the chunked form used in training and prefill.
-        seed: seed for the new feature-map weights (and for --init random).
+        options: the conversion recipe, as a recipe's `convert:` takes it.
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
+        out: directory to write the converted model to (safetensors + JSON, written atomically).
         overwrite: replace --out if it already holds a t2r model.
-        json: print the result as JSON.
+        as_json: print the result as JSON.
     """
-
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
     if init == "random":
-        reinitialize(hf_model, seed=seed)
-    log.info("converting %s: %s, feature_dim=%s, window=%d", source.describe(), feature_map, feature_dim, window)
-    converted = run_convert(hf_model, feature_map=feature_map, feature_dim=feature_dim, window=window,
-                            keep_softmax_layers=_layers(keep_softmax_layers), tie_qk=tie_qk, chunk_size=chunk_size,
-                            seed=seed)
+        reinitialize(hf_model, seed=options.seed)
+    recipe = options.recipe()
+    log.info("converting %s: %s, feature_dim=%s, mixer=%s", source.describe(), recipe.feature_map,
+             recipe.feature_dim, recipe.mixer)
+    converted = convert(hf_model, recipe, seed=options.seed)
     log.info("saving to %s", out)
     save(converted, out, tokenizer, overwrite=overwrite)
     return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,
@@ -69,15 +53,15 @@ def convert(model: str | None = None, *, out: str = "runs/rnn", feature_map: str
 
 
 def _load_converted(path: str):
-
     log.info("loading %s", path)
     model = load(path)
     tokenizer = load_tokenizer(path)
     return model, tokenizer
 
 
-def generate(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, json: bool = False) -> dict:
+def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, sample: bool = False,
+                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                     as_json: bool = False) -> dict:
     """Generate text with a converted model: chunked prefill, then one recurrent step per token.
 
     Args:
@@ -89,32 +73,30 @@ def generate(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64,
         top_p: nucleus sampling mass (with --sample).
         top_k: keep only the k most likely tokens (with --sample; 0 = off).
         seed: random seed for sampling.
-        json: print the result as JSON.
+        as_json: print the result as JSON.
     """
-
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     hf_model, tokenizer = _load_converted(model)
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
-    result = run_generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
+    result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
     return {"prompt": prompt, "text": result.texts[0], "new_tokens": result.new_tokens,
             "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
             "state_bytes": result.state_bytes}
 
 
-def verify(model: str, *, tokens: int = 100, prefill: int = 67, json: bool = False) -> dict:
+def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json: bool = False) -> dict:
     """Check that the parallel, chunked and recurrent forms give the same logits (exit code 1 if not).
 
     Args:
         model: directory of a converted model.
         tokens: sequence length to check.
         prefill: tokens processed in one chunked call before token-by-token decoding.
-        json: print the report as JSON.
+        as_json: print the report as JSON.
     """
-
     hf_model, _ = _load_converted(model)
-    report = run_verify(hf_model, tokens=tokens, prefill=prefill)
+    report = verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
     return report

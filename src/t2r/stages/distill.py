@@ -15,7 +15,7 @@ from ..data import prepare_data, read_meta
 from ..errors import T2RError
 from ..evaluate import perplexity
 from ..persistence import save
-from ..train import Task, TrainConfig, parse_tokens, train
+from ..train import Task, TrainConfig, train
 from ..transfer import AttentionTransfer
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,6 @@ def attention_transfer(student: nn.Module, blocks, out: str | Path, config: Trai
     summary = train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite,
                     on_step=on_step)
     return summary
-
-
-def budget(tokens: str, steps: int) -> dict:
-    if steps < 0:
-        raise T2RError(f"--steps must be positive (or 0: use --tokens), got {steps}")
-    return {"steps": steps} if steps else {"tokens": parse_tokens(tokens)}
 
 
 def load_training_data(data: str, tokenizer, block_size: int | None):

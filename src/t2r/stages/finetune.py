@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +27,25 @@ from ..evaluate import perplexity
 from ..lora import apply_lora
 from ..persistence import is_t2r_dir, load, load_tokenizer, save
 from ..sources import load_model
-from ..train import Task, TrainConfig, seeded, train
+from ..train import FinetuneSettings, Task, TrainConfig, seeded, train
 from ..transfer import follow_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = {"lora": 2e-4, "full": 3e-5}
+
+@dataclass(frozen=True)
+class Finetuning:
+    """What stage 2 trains and towards what: a LoRA rank (0: the whole model) and the modules it adapts, and the
+    weight of the KL term to `teacher` (None with kd > 0: the student's own original model)."""
+
+    lora: int = 0
+    lora_modules: str = ""
+    kd: float = 0.0
+    teacher: nn.Module | None = None
+
+    @classmethod
+    def of(cls, settings: FinetuneSettings, teacher: nn.Module | None = None) -> Finetuning:
+        return cls(lora=settings.lora, lora_modules=settings.lora_modules, kd=settings.kd, teacher=teacher)
 
 
 class LanguageModeling(nn.Module):
@@ -69,12 +83,10 @@ class FinetuneTask(Task):
         self.module, self.tokenizer, self.merge_lora = module, tokenizer, merge_lora
 
     def evaluate(self, module: LanguageModeling, heldout: torch.Tensor) -> dict:
-
         result = perplexity(module.student, heldout, batch_size=1)
         return {"ppl": result["ppl"], "nll": result["nll"]}
 
     def export(self, module: LanguageModeling, out: Path) -> None:
-
         model = module.student.merge_and_unload() if self.merge_lora else module.student
         save(model, out, self.tokenizer)
 
@@ -106,11 +118,12 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> 
 
 
 def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainConfig, *, tokenizer=None,
-                   lora: int = 0, lora_modules: str = "", kd: float = 0.0, teacher: nn.Module | None = None,
-                   settings: dict | None = None, resume: bool = False, overwrite: bool = False,
-                   on_step=None) -> dict:
-    """Stage 2 on a loaded model (changed in place; with LoRA, adapters are injected into it). The final model
-    (LoRA merged) is saved to `out`. Returns the run summary (see `t2r.train.Trainer`)."""
+                   method: Finetuning = Finetuning(), settings: dict | None = None, resume: bool = False,
+                   overwrite: bool = False, on_step=None) -> dict:
+    """Stage 2 on a loaded model (changed in place; with LoRA, adapters are injected into it, their initial weights
+    drawn from `config.seed`). The final model (LoRA merged) is saved to `out`. `settings` are recorded with the
+    run (see `t2r.train.Trainer`). Returns the run summary."""
+    lora, lora_modules, kd, teacher = method.lora, method.lora_modules, method.kd, method.teacher
     if isinstance(lora, bool) or not isinstance(lora, int) or lora < 0:
         raise T2RError(f"--lora is a LoRA rank >= 0 (0: full finetuning), got {lora!r}")
     if kd < 0:
@@ -121,7 +134,7 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
         s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if s != t:
             raise T2RError(f"the teacher predicts {t} tokens, the student {s}: distillation needs the same vocabulary")
-    if lora:  # LoRA's initial weights: seeded inside a fork, the caller's RNG is left alone
+    if lora:
         with seeded(config.seed, next(student.parameters()).device):
             model = apply_lora(student, lora, lora_modules)
     else:

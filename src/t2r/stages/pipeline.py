@@ -1,23 +1,9 @@
 """`t2r pipeline`: convert -> attention transfer -> (automatic softmax layers) -> finetune -> evaluate -> export,
-from one YAML recipe, with a markdown report. Each finished stage leaves its model in OUT/<stage>/; running the
-same recipe again skips finished stages and resumes an interrupted one from its checkpoint. Held-out evaluations are
-remembered on disk (`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model
-(every recipe's original-model row) or a rerun evaluate it once.
-
-A recipe (see src/t2r/recipes/*.yaml, usable by name: `t2r pipeline --config hedgehog-transfer`):
-
-    name: hedgehog-window           # run name (OUT defaults to runs/<name>)
-    model: null                     # GGUF file, HF directory or hub id (null: the embedded SmolLM2-135M-Instruct)
-    init: pretrained                # or random: the same RNN from random weights (the paper's baseline)
-    data: austen                    # training text (anything `t2r data` takes)
-    block_size: 512
-    convert: {feature_map: hedgehog, feature_dim: 64, window: 64, keep_softmax_layers: []}
-    distill: {tokens: 100k, lr: 0.03}              # stage 1; omit to skip
-    keep_softmax: auto:3            # after stage 1, the 3 layers with the highest transfer error go back to softmax
-    teacher_finetune: {tokens: 150k, lora: 8}      # optional: the original finetuned on the same data (LM loss)
-    finetune: {tokens: 100k, lora: 8, kd: 0.5}     # stage 2; omit to skip
-    eval: {data: [austen, pydocs], context: 512, max_blocks: 16}
-    generate: {prompt: "It is a truth universally acknowledged", max_new_tokens: 32}
+from one recipe (`t2r.stages.recipes`), with a markdown report. Each finished stage leaves its model in
+OUT/<stage>/: running the same recipe again skips finished stages and resumes an interrupted one from its
+checkpoint. Held-out evaluations are remembered on disk
+(`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model (every recipe's
+original-model row) or a rerun evaluate it once.
 
 `teacher_finetune` finetunes the original model on the recipe's data (it reads the same first tokens of the same
 seeded block order as the other stages) into OUT/teacher-finetune. It is the reference the RNN is measured against
@@ -30,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,100 +25,18 @@ from ..adapters import adapter_for, cache_bytes
 from ..convert import convert, keep_softmax, reinitialize
 from ..data import prepare_data
 from ..decode import decode
-from ..errors import T2RError
 from ..evaluate import cached_perplexity, model_fingerprint
 from ..generate import new_cache, prepare_tokenizer
 from ..io import write_json, write_text
 from ..persistence import load, save
-from ..recipe import INITS
 from ..sources import load_model
-from ..train import TrainConfig, parse_tokens
 from ..transfer import layer_errors
 from ..units import fmt_bytes
 from .distill import attention_transfer
-from .finetune import finetune_model, frozen
+from .finetune import Finetuning, finetune_model, frozen
+from .recipes import DEFAULT_PROMPT, PipelineRecipe, parse_keep_softmax
 
 log = logging.getLogger(__name__)
-
-TRAIN_KEYS = {"tokens", "steps", "lr", "batch_size", "grad_accum", "warmup", "min_lr", "weight_decay",
-              "max_grad_norm", "eval_every", "eval_blocks", "checkpoint_every", "seed"}
-DEFAULT_PROMPT = "It is a truth universally acknowledged"
-
-
-class RecipeFileError(T2RError):
-    """A pipeline recipe that cannot be read or has invalid entries."""
-
-
-@dataclass
-class PipelineRecipe:
-    name: str
-    model: str | None = None
-    init: str = "pretrained"
-    data: str = "austen"
-    block_size: int = 512
-    convert: dict = field(default_factory=dict)
-    distill: dict | None = None
-    keep_softmax: str | list | None = None
-    teacher_finetune: dict | None = None
-    finetune: dict | None = None
-    eval: dict = field(default_factory=lambda: {"data": ["austen"], "context": 512, "max_blocks": 16})
-    generate: dict = field(default_factory=lambda: {"prompt": DEFAULT_PROMPT, "max_new_tokens": 32})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "PipelineRecipe":
-        """Read a YAML recipe: a file path, or the name of a recipe shipped with t2r (see `shipped_recipes()`)."""
-        import yaml
-
-        if not Path(path).exists() and str(path) in shipped_recipes():
-            path = shipped_recipes()[str(path)]
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise RecipeFileError(f"recipe file {str(path)!r} does not exist; shipped recipes: "
-                                  f"{', '.join(shipped_recipes())}") from None
-        except yaml.YAMLError as err:
-            raise RecipeFileError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise RecipeFileError(f"recipe file {str(path)!r} must be a mapping of settings")
-        raw.setdefault("name", Path(path).stem)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise RecipeFileError(f"unknown recipe entries {unknown} in {str(path)!r}; known: {sorted(known)}")
-        recipe = cls(**raw)
-        if recipe.init not in INITS:
-            raise RecipeFileError(f"init must be one of {', '.join(INITS)}, got {recipe.init!r} in {str(path)!r}")
-        for stage in ("distill", "teacher_finetune", "finetune"):
-            allowed = {"lora", "lora_modules"} if stage == "teacher_finetune" else {"lora", "lora_modules", "kd",
-                                                                                    "attn_ce"}
-            extra = set(getattr(recipe, stage) or {}) - TRAIN_KEYS - allowed
-            if extra:
-                raise RecipeFileError(f"unknown {stage} settings {sorted(extra)} in {str(path)!r}")
-        return recipe
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """The recipes that ship with t2r (src/t2r/recipes/*.yaml), by name."""
-    return {p.stem: p for p in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))}
-
-
-def parse_keep_softmax(spec, num_layers: int) -> tuple[str, int | list[int]]:
-    """"auto:3" -> ("auto", 3); [0, 15] or "0,15" -> ("fixed", [0, 15])."""
-    if spec is None or spec == "" or spec == []:
-        return "fixed", []
-    if isinstance(spec, str) and spec.startswith("auto:"):
-        try:
-            n = int(spec[5:])
-        except ValueError:
-            n = -1
-        if not 0 <= n < num_layers:
-            raise RecipeFileError(f"keep_softmax 'auto:N' needs 0 <= N < {num_layers} layers, got {spec!r}")
-        return "auto", n
-    items = spec.split(",") if isinstance(spec, str) else spec
-    try:
-        return "fixed", sorted({int(i) for i in items})
-    except (TypeError, ValueError):
-        raise RecipeFileError(f"keep_softmax takes 'auto:N' or layer indices like [0, 15]; got {spec!r}") from None
 
 
 def worst_layers(errors: list[float], n: int) -> list[int]:
@@ -140,139 +44,138 @@ def worst_layers(errors: list[float], n: int) -> list[int]:
     return sorted(sorted(range(len(errors)), key=lambda i: (-errors[i], i))[:n])
 
 
-def _train_config(settings: dict, default_lr: float):
-
-    kw = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
-    kw.setdefault("lr", default_lr)
-    if "steps" not in kw:
-        kw["tokens"] = parse_tokens(kw.get("tokens", "100k"))
-    return TrainConfig(**kw)
-
-
 def _evaluate(model, tokenizer, recipe: PipelineRecipe) -> dict:
-
-    cfg = recipe.eval
-    sets = cfg.get("data", ["austen"])
-    results = {}
+    cfg, results = recipe.eval, {}
     fingerprint = model_fingerprint(model)  # once for every held-out set
-    for source in [sets] if isinstance(sets, str) else sets:
+    for source in cfg.data:
         heldout = prepare_data(source, tokenizer, block_size=recipe.block_size).heldout
-        r = cached_perplexity(model, heldout, context=cfg.get("context", recipe.block_size),
-                              max_blocks=cfg.get("max_blocks"), batch_size=cfg.get("batch_size", 2),
-                              progress=f"eval {source}", fingerprint=fingerprint)
+        r = cached_perplexity(model, heldout, context=cfg.context or recipe.block_size, max_blocks=cfg.max_blocks,
+                              batch_size=cfg.batch_size, progress=f"eval {source}", fingerprint=fingerprint)
         results[source] = round(r["ppl"], 3)
     return results
 
 
-def _done(stage_dir: Path) -> bool:
-    return (stage_dir / "config.json").is_file() and (stage_dir / "train.json").is_file()
-
-
 def _speed(model, tokenizer, recipe: PipelineRecipe) -> dict:
-    """Generated text, decode ms/token (lean loop) and cache bytes after the prompt + new tokens."""
-
-    cfg = recipe.generate
+    """Generated text, decode ms/token (lean loop, greedy) and cache bytes after the prompt + new tokens."""
     prepare_tokenizer(tokenizer)
-    enc = tokenizer(cfg.get("prompt", DEFAULT_PROMPT), return_tensors="pt")
-    n = int(cfg.get("max_new_tokens", 32))
+    enc = tokenizer(recipe.generate.prompt, return_tensors="pt")
     cache = new_cache(model)
     with torch.inference_mode():
         start = time.perf_counter()
-        tokens, cache = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=n, cache=cache,
-                               eos_token_id=None)
+        tokens, cache = decode(model, enc["input_ids"], enc["attention_mask"],
+                               max_new_tokens=recipe.generate.max_new_tokens, cache=cache, eos_token_id=None)
         seconds = time.perf_counter() - start
     return {"text": tokenizer.decode(tokens[0], skip_special_tokens=True), "new_tokens": int(tokens.shape[1]),
             "ms_per_token": round(1000 * seconds / max(1, tokens.shape[1]), 2), "cache_bytes": cache_bytes(cache),
             "context": int(enc["input_ids"].shape[1] + tokens.shape[1])}
 
 
+class _Run:
+    """One run of a recipe into OUT: the original model, its tokenizer and the training blocks, the stage plan,
+    and the results gathered so far."""
+
+    def __init__(self, recipe: PipelineRecipe, out: Path) -> None:
+        self.recipe, self.out = recipe, out
+        self.teacher, self.tokenizer, source = load_model(recipe.model)
+        self.blocks = prepare_data(recipe.data, self.tokenizer, block_size=recipe.block_size)
+        self.results = {"recipe": recipe.model_dump(mode="json"), "source": source.describe(), "stages": [],
+                        "out": str(out)}
+
+    def record(self, stage: str, model, **extra) -> None:
+        row = {"stage": stage, "ppl": _evaluate(model, self.tokenizer, self.recipe), **extra}
+        log.info("%s: held-out perplexity %s", stage, row["ppl"])
+        self.results["stages"].append(row)
+
+    def stage(self, name: str, build: Callable[[Path, dict], None]) -> Path:
+        """OUT/<name>, reused when finished, else built by `build(stage_dir, record)` (a training stage resumes the
+        interrupted run there)."""
+        stage_dir = self.out / name
+        trained = name not in ("converted", "softmax-layers")
+        if (stage_dir / "config.json").is_file() and not (trained and not (stage_dir / "train.json").is_file()):
+            log.info("%s: reusing %s", name, stage_dir)
+            return stage_dir
+        build(stage_dir, {})
+        return stage_dir
+
+    def converted(self):
+        def build(stage_dir: Path, record: dict) -> None:
+            base, options = copy.deepcopy(self.teacher), self.recipe.convert
+            if self.recipe.init == "random":
+                reinitialize(base, seed=options.seed)
+            save(convert(base, options.recipe(), seed=options.seed), stage_dir, self.tokenizer)
+
+        return self.stage("converted", build)
+
+    def distilled(self, student):
+        settings = self.recipe.distill
+        return self.stage("distill", lambda stage_dir, record: attention_transfer(
+            student, self.blocks, stage_dir, settings.train_config(), tokenizer=self.tokenizer,
+            attn_ce=settings.attn_ce, settings=record, resume=True))
+
+    def softmax_layers(self, student) -> tuple[Path | None, list[int]]:
+        """OUT/softmax-layers and its softmax layers (auto: the worst after stage 1), or (None, []) if none."""
+        how, layers = parse_keep_softmax(self.recipe.keep_softmax, len(adapter_for(student).decoder_layers(student)))
+        if how == "auto" and layers:
+            errors = layer_errors(student, self.blocks.heldout[:4])
+            layers = worst_layers(errors, layers)
+            self.results["layer_errors"] = [round(e, 5) for e in errors]
+        if not layers:
+            return None, []
+
+        def build(stage_dir: Path, record: dict) -> None:
+            keep_softmax(student, layers)
+            save(student, stage_dir, self.tokenizer)
+
+        return self.stage("softmax-layers", build), layers
+
+    def finetuned(self, model, name: str, settings, teacher=None) -> Path:
+        """`model` finetuned by `settings` (stage 2's, or the reference's) into OUT/<name>."""
+        return self.stage(name, lambda stage_dir, record: finetune_model(
+            model, self.blocks, stage_dir, settings.train_config(), tokenizer=self.tokenizer,
+            method=Finetuning.of(settings, teacher), settings=record, resume=True))
+
+    def reference(self):
+        """The KD teacher of stage 2: the original finetuned on the recipe's data when the recipe asks for it (also
+        reported as the reference row), else the original."""
+        if self.recipe.teacher_finetune is None:
+            return self.teacher
+        stage_dir = self.finetuned(copy.deepcopy(self.teacher), "teacher-finetune", self.recipe.teacher_finetune)
+        finetuned = frozen(load_model(str(stage_dir))[0])
+        self.results["reference"] = {"stage": "original finetuned (reference)", "dir": str(stage_dir),
+                                     "ppl": _evaluate(finetuned, self.tokenizer, self.recipe)}
+        log.info("original finetuned: held-out perplexity %s", self.results["reference"]["ppl"])
+        return finetuned
+
+
 def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
     """Run every stage of `recipe` into `out`; returns the results (also written to OUT/pipeline.json + report.md)."""
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher, tokenizer, source = load_model(recipe.model)
-    blocks = prepare_data(recipe.data, tokenizer, block_size=recipe.block_size)
-    results = {"recipe": recipe.__dict__, "source": source.describe(), "stages": [], "out": str(out)}
-
-    def record(stage: str, model, **extra) -> None:
-        row = {"stage": stage, "ppl": _evaluate(model, tokenizer, recipe), **extra}
-        log.info("%s: held-out perplexity %s", stage, row["ppl"])
-        results["stages"].append(row)
-
-    record("original", teacher)
-    converted_dir = out / "converted"
-    if (converted_dir / "config.json").is_file():
-        student = load(converted_dir)
-    else:
-        base = copy.deepcopy(teacher)
-        if recipe.init == "random":
-            reinitialize(base, seed=int(recipe.convert.get("seed", 0)))
-        student = convert(base, **recipe.convert)
-        save(student, converted_dir, tokenizer)
-    record("after swap", student, dir=str(converted_dir))
-    final_dir = converted_dir
-
+    run = _Run(recipe, out)
+    run.record("original", run.teacher)
+    final_dir = run.converted()
+    student = load(final_dir)
+    run.record("after swap", student, dir=str(final_dir))
     if recipe.distill is not None:
-        stage_dir = out / "distill"
-        if not _done(stage_dir):
-            config = _train_config(recipe.distill, default_lr=3e-2)
-            attention_transfer(student, blocks, stage_dir, config, tokenizer=tokenizer,
-                               attn_ce=float(recipe.distill.get("attn_ce", 0.0)),
-                               resume=(stage_dir / "checkpoint").is_dir())
-        student, final_dir = load(stage_dir), stage_dir
-        record("after stage 1 (attention transfer)", student, dir=str(stage_dir))
-
-    how, layers = parse_keep_softmax(recipe.keep_softmax, len(adapter_for(student).decoder_layers(student)))
-    if how == "auto" and layers:
-        errors = layer_errors(student, blocks.heldout[:4])
-        layers = worst_layers(errors, layers)
-        results["layer_errors"] = [round(e, 5) for e in errors]
-    if layers:
-        stage_dir = out / "softmax-layers"
-        if not (stage_dir / "config.json").is_file():
-            keep_softmax(student, layers)
-            save(student, stage_dir, tokenizer)
-        student, final_dir = load(stage_dir), stage_dir
-        record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
-
-    kd_teacher = teacher
-    if recipe.teacher_finetune is not None:
-        kd_teacher = _finetuned_teacher(recipe, teacher, tokenizer, blocks, out / "teacher-finetune")
-        results["reference"] = {"stage": "original finetuned (reference)", "dir": str(out / "teacher-finetune"),
-                                "ppl": _evaluate(kd_teacher, tokenizer, recipe)}
-        log.info("original finetuned: held-out perplexity %s", results["reference"]["ppl"])
-
+        final_dir = run.distilled(student)
+        student = load(final_dir)
+        run.record("after stage 1 (attention transfer)", student, dir=str(final_dir))
+    stage_dir, layers = run.softmax_layers(student)
+    if stage_dir is not None:
+        final_dir, student = stage_dir, load(stage_dir)
+        run.record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
+    kd_teacher = run.reference()
     if recipe.finetune is not None:
-        stage_dir = out / "finetune"
-        if not _done(stage_dir):
-            _finetune_stage(student, recipe.finetune, blocks, stage_dir, tokenizer, teacher=kd_teacher)
-        student, final_dir = load(stage_dir), stage_dir
-        record("after stage 2 (finetuning)", student, dir=str(stage_dir))
-
+        final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher)
+        student = load(final_dir)
+        run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
+    results = run.results
     results["final_model"] = str(final_dir)
-    results["generation"] = {"teacher": _speed(teacher, tokenizer, recipe), "student": _speed(student, tokenizer, recipe)}
+    results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
+                             "student": _speed(student, run.tokenizer, recipe)}
     write_json(out / "pipeline.json", results, default=str)
     write_text(out / "report.md", report_markdown(results))
     return results
-
-
-def _finetune_stage(model, settings: dict, blocks, stage_dir: Path, tokenizer, teacher=None) -> None:
-    """Finetune `model` by a recipe's finetune settings into `stage_dir` (resuming its checkpoint if there is one)."""
-
-    lora = int(settings.get("lora", 0))
-    config = _train_config(settings, default_lr=2e-4 if lora else 3e-5)
-    finetune_model(model, blocks, stage_dir, config, tokenizer=tokenizer, lora=lora,
-                   lora_modules=settings.get("lora_modules", ""), kd=float(settings.get("kd", 0.0)),
-                   teacher=teacher, resume=(stage_dir / "checkpoint").is_dir())
-
-
-def _finetuned_teacher(recipe: PipelineRecipe, teacher, tokenizer, blocks, stage_dir: Path):
-    """The original model finetuned by `recipe.teacher_finetune` (LM loss only) in `stage_dir`, loaded, frozen."""
-
-    if not _done(stage_dir):
-        _finetune_stage(copy.deepcopy(teacher), recipe.teacher_finetune, blocks, stage_dir, tokenizer)
-    return frozen(load_model(str(stage_dir))[0])
 
 
 def report_markdown(results: dict) -> str:

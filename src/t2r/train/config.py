@@ -23,13 +23,13 @@ _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 def parse_tokens(spec: str | int) -> int:
     """A token budget: 300000, "300k", "1M", "1.5m", "2e5" -> int > 0."""
     if isinstance(spec, bool):
-        raise TrainError(f"--tokens takes a number of tokens like 300k or 1M, got {spec!r}")
+        raise TrainError(f"a token budget is a number of tokens like 300k or 1M, got {spec!r}")
     if isinstance(spec, int):
         value = spec
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmbg]?)\s*(?:tokens?)?\s*", str(spec).lower())
         if not m:
-            raise TrainError(f"--tokens takes a number of tokens like 300000, 300k or 1M, got {spec!r}")
+            raise TrainError(f"a token budget is a number of tokens like 300000, 300k or 1M, got {spec!r}")
         value = round(float(m[1]) * _UNITS[m[2]])
     if value <= 0:
         raise TrainError(f"the token budget must be positive, got {spec!r}: nothing would be trained")
