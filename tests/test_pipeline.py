@@ -1,5 +1,6 @@
-"""`t2r pipeline` on a tiny model and a small text: every stage runs, the report is written, a rerun resumes;
-recipes are typed, overridable on the command line, and a bad key is one line naming it and the file."""
+"""`t2r pipeline` on a tiny model and a small text: every stage runs, the report is written, a rerun reuses what
+was made with the same settings and refuses what was not; recipes are typed, overridable on the command line, and a
+bad key is one line naming it and the file."""
 
 from __future__ import annotations
 
@@ -160,6 +161,11 @@ def error_line(code: int, err: str, *words: str) -> str:
     return errors[0]
 
 
+def stage_files(out) -> dict:
+    """stage -> the modification time of its stage.json (changes only when the stage is made again)."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
+
+
 @pytest.mark.parametrize("section, entry, words", [
     ("distill", {"tokenz": 3}, ["distill.tokenz", "unknown setting", "known: tokens"]),
     ("distill", {"lr": "fast"}, ["distill.lr", "valid number", "'fast'"]),
@@ -182,6 +188,8 @@ def test_a_bad_key_or_value_in_the_file_is_one_line(recipe_file, tmp_path, capsy
     (["--eval.max_blocks", "two"], ["--eval.max_blocks (command line)", "valid integer", "'two'"]),
     (["--distill.tokens"], ["--distill.tokens needs a value"]),
     (["--name.first", "x"], ["--name.first", "name is not a section"]),
+    (["--redo", "bogus"], ["--redo takes stage names", "bogus"]),
+    (["--redo", "teacher-finetune"], ["--redo teacher-finetune", "no such stage"]),
 ])
 def test_a_bad_override_is_one_line(recipe_file, tmp_path, capsys, argv, words):
     code, stdout, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", tmp_path / "run", *argv)
@@ -200,3 +208,84 @@ def test_overrides_set_any_recipe_value(recipe_file, tmp_path, capsys):
     assert results["recipe"]["distill"]["tokens"] == 128 and results["recipe"]["eval"]["max_blocks"] == 1
     assert [row["stage"] for row in results["stages"]][-1] == "after stage 1 (attention transfer)"
     assert json.loads((out / "distill" / "train.json").read_text())["steps"] == 2  # 128 tokens, 64 per step
+    assert json.loads((out / "distill" / "stage.json").read_text())["settings"]["distill"]["tokens"] == 128
+
+
+def test_a_rerun_reuses_refuses_and_redoes_stages(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--json")
+    assert code == 0, err
+    first = json.loads(stdout)
+    made = stage_files(out)
+    assert set(made) == {"converted", "distill", "softmax-layers", "finetune"}
+    keys = {stage: set(json.loads((out / stage / "stage.json").read_text())["settings"]) for stage in made}
+    assert keys["converted"] == {"model", "init", "convert"}
+    assert keys["distill"] == keys["converted"] | {"data", "block_size", "distill"}
+    assert keys["softmax-layers"] == keys["distill"] | {"keep_softmax"}
+    assert keys["finetune"] == keys["softmax-layers"] | {"finetune", "teacher_finetune"}
+    # the same settings: every stage is reused as it is
+    code, stdout, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--json")
+    assert code == 0, err
+    assert stage_files(out) == made and json.loads(stdout)["stages"] == first["stages"]
+    # another setting: refused before anything is loaded, naming the stage, the setting and both values
+    code, _, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--finetune.lora", 4)
+    error_line(code, err, "stage finetune", "finetune.lora: 2 there, 4 in the recipe", "--redo finetune")
+    assert stage_files(out) == made
+    code, _, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--finetune.lora", 4,
+                           "--redo", "finetune")
+    assert code == 0, err
+    again = stage_files(out)
+    assert again["finetune"] != made["finetune"] and {s: again[s] for s in made if s != "finetune"} == \
+        {s: made[s] for s in made if s != "finetune"}
+    assert json.loads((out / "finetune" / "stage.json").read_text())["settings"]["finetune"]["lora"] == 4
+    # a change upstream: named at its own stage; --redo distill redoes it and the stages built on it
+    code, _, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--finetune.lora", 4,
+                           "--distill.lr", 0.02)
+    error_line(code, err, "stage distill", "distill.lr: 0.01 there, 0.02 in the recipe", "--redo distill")
+    code, _, err = run_cli(capsys, "pipeline", "--config", recipe_file, "--out", out, "--finetune.lora", 4,
+                           "--distill.lr", 0.02, "--redo", "distill")
+    assert code == 0, err
+    last = stage_files(out)
+    assert last["converted"] == made["converted"]
+    assert all(last[s] != again[s] for s in ("distill", "softmax-layers", "finetune"))
+
+
+def test_a_stage_without_recorded_settings_is_not_reused(recipe_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe.update(keep_softmax=None, finetune=None)
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run_cli(capsys, "pipeline", "--config", path, "--out", out)[0] == 0
+    (out / "distill" / "stage.json").unlink()  # as a stage made before t2r recorded them
+    code, _, err = run_cli(capsys, "pipeline", "--config", path, "--out", out)
+    error_line(code, err, "stage distill", "no recorded settings", "--redo distill")
+    code, _, err = run_cli(capsys, "pipeline", "--config", path, "--out", out, "--redo", "distill")
+    assert code == 0, err
+    assert (out / "distill" / "stage.json").is_file()
+
+
+def test_an_interrupted_stage_resumes_only_with_the_same_settings(recipe_file, tmp_path, capsys, monkeypatch):
+    import t2r.stages.pipeline
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, record):
+        if step == 2:
+            raise Crash
+
+    real = t2r.stages.pipeline.attention_transfer
+    monkeypatch.setattr(t2r.stages.pipeline, "attention_transfer", lambda *a, **kw: real(*a, **kw, on_step=crash))
+    out = tmp_path / "run"
+    common = ["pipeline", "--config", recipe_file, "--out", out, "--distill.checkpoint_every", 1]
+    with pytest.raises(Crash):
+        main([str(a) for a in common])
+    capsys.readouterr()
+    assert (out / "distill" / "checkpoint").is_dir() and not (out / "distill" / "stage.json").exists()
+    monkeypatch.setattr(t2r.stages.pipeline, "attention_transfer", real)
+    code, _, err = run_cli(capsys, *common, "--distill.lr", 0.02)
+    error_line(code, err, "stage distill", "distill.lr: 0.01 there, 0.02 in the recipe")
+    code, _, err = run_cli(capsys, *common)
+    assert code == 0, err
+    assert json.loads((out / "distill" / "train.json").read_text())["resumed_from_step"] == 2

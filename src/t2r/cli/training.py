@@ -104,27 +104,36 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
             "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
-def pipeline_command(*, config: str, out: str | None = None, as_json: bool = False, **overrides: str) -> dict:
+def _stages(redo: str) -> list[str]:
+    return [s.strip() for s in redo.split(",") if s.strip()]
+
+
+def pipeline_command(*, config: str, out: str | None = None, redo: str = "", as_json: bool = False,
+                     **overrides: str) -> dict:
     """Run a recipe end to end: convert, attention transfer, softmax layers, finetune, evaluate, export, report.
 
     Args:
         config: YAML recipe file, or the name of a shipped one: t2r-paper, random-init-baseline, t2r-transfer, hedgehog-transfer, hybrid-window-auto, demo.
-        out: run directory (default: runs/<recipe name>); rerunning skips finished stages and resumes the rest.
+        out: run directory (default: runs/<recipe name>); a rerun reuses each finished stage, and resumes an
+            interrupted one, whose recorded settings equal the recipe's, and stops if they differ.
+        redo: redo these stages and the stages built on them (comma-separated: converted, distill, softmax-layers,
+            teacher-finetune, finetune).
         as_json: print the results as JSON.
         overrides: any recipe value, as a dotted key and a YAML value: --distill.tokens 4k --eval.max_blocks 2.
     """
     recipe = read_recipe(config, overrides)
-    return run_pipeline(recipe, out or f"runs/{recipe.name}")
+    return run_pipeline(recipe, out or f"runs/{recipe.name}", redo=_stages(redo))
 
 
-def demo_command(*, out: str = "runs/demo", as_json: bool = False, **overrides: str) -> dict:
+def demo_command(*, out: str = "runs/demo", redo: str = "", as_json: bool = False, **overrides: str) -> dict:
     """A short pipeline on the embedded default model: convert (Hedgehog map + 64-token softmax window), a brief
     attention transfer on Jane Austen, then the teacher-vs-RNN perplexity table, text from both, decode speed and
     cache sizes. Rerunning reuses the finished stages in --out.
 
     Args:
         out: run directory.
+        redo: redo these stages (comma-separated) and the stages built on them.
         as_json: print the results as JSON.
         overrides: any value of the demo recipe, as a dotted key and a YAML value: --distill.tokens 4k.
     """
-    return run_pipeline(read_recipe("demo", overrides), out)
+    return run_pipeline(read_recipe("demo", overrides), out, redo=_stages(redo))

@@ -1,7 +1,8 @@
 """`t2r pipeline`: convert -> attention transfer -> (automatic softmax layers) -> finetune -> evaluate -> export,
-from one recipe (`t2r.stages.recipes`), with a markdown report. Each finished stage leaves its model in
-OUT/<stage>/: running the same recipe again skips finished stages and resumes an interrupted one from its
-checkpoint. Held-out evaluations are remembered on disk
+from one recipe (`t2r.stages.recipes`), with a markdown report. Each stage leaves its model in OUT/<stage>/ with the
+settings that made it (`t2r.stages.records`): running the recipe again reuses each finished stage, and resumes an
+interrupted one from its checkpoint, when those settings equal the recipe's, and otherwise stops, naming the setting
+that differs (`--redo STAGE` redoes a stage and the stages built on it). Held-out evaluations are remembered on disk
 (`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model (every recipe's
 original-model row) or a rerun evaluate it once.
 
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from ..units import fmt_bytes
 from .distill import attention_transfer
 from .finetune import Finetuning, finetune_model, frozen
 from .recipes import DEFAULT_PROMPT, PipelineRecipe, parse_keep_softmax
+from .records import plan_stages, stage_settings, write_record
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +77,8 @@ class _Run:
     """One run of a recipe into OUT: the original model, its tokenizer and the training blocks, the stage plan,
     and the results gathered so far."""
 
-    def __init__(self, recipe: PipelineRecipe, out: Path) -> None:
-        self.recipe, self.out = recipe, out
+    def __init__(self, recipe: PipelineRecipe, out: Path, plan: dict[str, str]) -> None:
+        self.recipe, self.out, self.plan = recipe, out, plan
         self.teacher, self.tokenizer, source = load_model(recipe.model)
         self.blocks = prepare_data(recipe.data, self.tokenizer, block_size=recipe.block_size)
         self.results = {"recipe": recipe.model_dump(mode="json"), "source": source.describe(), "stages": [],
@@ -87,14 +90,18 @@ class _Run:
         self.results["stages"].append(row)
 
     def stage(self, name: str, build: Callable[[Path, dict], None]) -> Path:
-        """OUT/<name>, reused when finished, else built by `build(stage_dir, record)` (a training stage resumes the
-        interrupted run there)."""
-        stage_dir = self.out / name
-        trained = name not in ("converted", "softmax-layers")
-        if (stage_dir / "config.json").is_file() and not (trained and not (stage_dir / "train.json").is_file()):
-            log.info("%s: reusing %s", name, stage_dir)
+        """OUT/<name>, reused as planned, or (re)built by `build(stage_dir, record)` (a training stage records
+        `record` in its checkpoints and resumes the interrupted run there) and then marked with its settings."""
+        stage_dir, action = self.out / name, self.plan[name]
+        if action == "reuse":
+            log.info("%s: reusing %s (made with the recipe's settings)", name, stage_dir)
             return stage_dir
-        build(stage_dir, {})
+        if action == "redo":
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        log.info("%s: %s %s", name, "resuming" if action == "resume" else "running", stage_dir)
+        settings = stage_settings(self.recipe, name)
+        build(stage_dir, {"pipeline": settings})
+        write_record(stage_dir, name, settings)
         return stage_dir
 
     def converted(self):
@@ -147,11 +154,13 @@ class _Run:
         return finetuned
 
 
-def run_pipeline(recipe: PipelineRecipe, out: str | Path) -> dict:
-    """Run every stage of `recipe` into `out`; returns the results (also written to OUT/pipeline.json + report.md)."""
+def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, redo: Iterable[str] = ()) -> dict:
+    """Run every stage of `recipe` into `out` (redoing the stages in `redo` and those built on them); returns the
+    results (also written to OUT/pipeline.json + report.md)."""
     out = Path(out)
+    plan = plan_stages(recipe, out, redo)  # before minutes of loading: a stage made otherwise stops the run here
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(recipe, out)
+    run = _Run(recipe, out, plan)
     run.record("original", run.teacher)
     final_dir = run.converted()
     student = load(final_dir)

@@ -203,3 +203,9 @@ def read_rng(accelerator, path: Path) -> dict:
     """This process's RNG states saved in the checkpoint `path` (see `set_rng`)."""
     rng = path / f"rng-{accelerator.process_index}.safetensors"
     return load_file(str(rng if rng.is_file() else path / "rng-0.safetensors"))
+
+
+def recorded_settings(out: Path) -> dict | None:
+    """The settings recorded by the interrupted run in OUT (its checkpoint's), or None if it has no checkpoint."""
+    checkpoint = find_checkpoint(out)
+    return json.loads((checkpoint / "state.json").read_text())["settings"] if checkpoint else None
