@@ -20,9 +20,9 @@ import torch
 
 import t2r
 from t2r.data import prepare_data
-from t2r.stages.distill import attention_transfer
 from t2r.evaluate import perplexity
 from t2r.sources import load_model
+from t2r.stages.distill import attention_transfer
 from t2r.train import TrainConfig, parse_tokens
 
 

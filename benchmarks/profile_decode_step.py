@@ -18,8 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import t2r
+from t2r.adapters import extend_kv_cache as extend_cache
 from t2r.adapters import original_model
-from t2r.bench.measure import extend_cache, own_weights, prefill
+from t2r.bench.measure import own_weights, prefill
 
 KINDS = {"aten::mm": "matmul with weights", "aten::addmm": "matmul with weights", "aten::bmm": "bmm/einsum",
          "aten::addcmul": "state update (addcmul)", "aten::cat": "cat (KV cache append)",

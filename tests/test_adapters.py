@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
 
 import t2r
+from conftest import tiny_config
 from t2r.adapters import ADAPTERS, adapter_for, original_model
 from t2r.attention import LinearAttention, is_conversion_parameter
 from t2r.errors import UnsupportedModelError
@@ -145,3 +145,11 @@ def test_softmax_reference_equals_the_unconverted_attention(variant):
             groups = q.shape[2] // v.shape[2]
             v_heads = v.repeat_interleave(groups, dim=2).transpose(1, 2)  # (B, H, T, D)
             torch.testing.assert_close((softmax_rows @ v_heads).transpose(1, 2), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_conversion_and_the_rebuilt_original_leave_the_callers_rng_alone():
+    model = build("llama")
+    state = torch.get_rng_state()
+    converted = t2r.convert(model, recipe=RECIPE)
+    original_model(converted)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import t2r
+from t2r.adapters import extend_kv_cache as extend_cache
 from t2r.bench import BenchSettings, copy_cache, parse_sizes, predict_seconds, ratios, render_bench, targets
-from t2r.bench.measure import extend_cache
 from t2r.cli.evaluation import bench_command
 from t2r.errors import T2RError
 from t2r.train.settings import flag

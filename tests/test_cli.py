@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 import t2r
 import t2r.cli
-from t2r.cli import app as cli_main, models as model_commands
+from t2r.cli import app as cli_main
+from t2r.cli import models as model_commands
 
 EXIT_USAGE = 2
 CONVERT_FLAGS = ["--feature-map", "t2r", "--feature-dim", "8"]
@@ -330,7 +331,8 @@ def test_every_command_reports_with_json_and_no_name_shadows():
     import builtins
 
     assert [cli_main.command_name(fn) for fn in cli_main.COMMANDS] == [
-        "convert", "generate", "verify", "data", "distill", "finetune", "eval", "lm-eval", "pipeline", "bench", "demo"]
+        "convert", "generate", "verify", "data", "distill", "finetune", "eval", "lm-eval", "recall", "pipeline", "bench",
+        "demo"]
     taken = set(dir(builtins)) | set(sys.stdlib_module_names)
     for fn in cli_main.COMMANDS:
         params = inspect.signature(fn).parameters

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, tiny_model
 
 import t2r
+from conftest import FAMILIES, tiny_model
 from t2r.attention import LinearAttention
 from t2r.errors import RecipeError, T2RError, UnsupportedModelError
 from t2r.feature_maps import FeatureMapError

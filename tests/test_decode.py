@@ -7,12 +7,11 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import t2r
+from conftest import tiny_model
 from t2r.adapters import original_model
 from t2r.decode import decode, iter_decode, positions_from_mask, process_logits
 from t2r.errors import T2RError
 from t2r.generate import Sampling
-
-from conftest import tiny_model
 
 RECIPES = {
     "llama-hedgehog": ("llama", dict(feature_map="hedgehog", feature_dim=8)),

@@ -12,13 +12,13 @@ import torch
 import t2r
 from conftest import tiny_model
 from t2r.attention import repeat_heads
-from t2r.data import DataError, TokenBlocks
 from t2r.cli.render import render_distill
 from t2r.cli.training import distill_command
-from t2r.stages.distill import attention_transfer
-from t2r.transfer import AttentionTransfer, attention_rows, layer_errors, softmax_attention
+from t2r.data import DataError, TokenBlocks
 from t2r.errors import NotAT2RModelError, T2RError
+from t2r.stages.distill import attention_transfer
 from t2r.train import DistillSettings, SettingsError, TrainConfig
+from t2r.transfer import AttentionTransfer, attention_rows, layer_errors
 
 
 def converted(tokenizer, family="llama", window=0, feature_map="hedgehog", feature_dim=8):
@@ -50,7 +50,7 @@ def test_targets_are_the_teachers_attention_outputs(tokenizer, family):
         transfer.teacher(ids)
         for (attn, _), (hidden, positions), expected in zip(transfer.pairs, transfer.capture(ids), seen):
             q, k, v = attn.qkv(hidden, positions)
-            target = softmax_attention(q, k, v, attn.scale).flatten(2)  # (B, T, H * D)
+            target = transfer.adapter.softmax_reference(attn, q, k, v).flatten(2)  # (B, T, H * D)
             torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -65,7 +65,8 @@ def test_linear_rows_are_the_quadratic_twin_of_attend(tokenizer, window):
         o = torch.einsum("bhts,bshd->bthd", rows, repeat_heads(v, attn.num_heads // attn.num_kv_heads))
         torch.testing.assert_close(o, attn.attend(q, k, v), rtol=1e-5, atol=1e-5)
         o_soft = torch.einsum("bhts,bshd->bthd", softmax_rows, repeat_heads(v, attn.num_heads // attn.num_kv_heads))
-        torch.testing.assert_close(o_soft, softmax_attention(q, k, v, attn.scale), rtol=1e-5, atol=1e-5)
+        reference = transfer.adapter.softmax_reference(attn, q, k, v)
+        torch.testing.assert_close(o_soft, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window, attn_ce", [(0, 0.0), (4, 0.0), (0, 0.5)])

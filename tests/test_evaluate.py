@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from conftest import tiny_model
 import t2r
+from conftest import tiny_model
 from t2r import cli
-from t2r.data import DataError, prepare_data
-from t2r.errors import T2RError
 from t2r.cli.evaluation import eval_command as run_eval
 from t2r.cli.render import render_eval
+from t2r.data import DataError, prepare_data
+from t2r.errors import T2RError
 from t2r.evaluate import count_words, perplexity, predicted_bytes, rolling_windows, text_perplexity
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "

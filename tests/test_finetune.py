@@ -10,10 +10,10 @@ import torch
 
 import t2r
 from conftest import tiny_model
-from t2r.data import TokenBlocks
-from t2r.errors import T2RError
 from t2r.cli.render import render_finetune
 from t2r.cli.training import finetune_command
+from t2r.data import TokenBlocks
+from t2r.errors import T2RError
 from t2r.stages.finetune import Finetuning, LanguageModeling, finetune_model
 from t2r.train import FinetuneSettings, SettingsError, TrainConfig
 
@@ -117,8 +117,8 @@ def test_bad_inputs(tmp_path, tokenizer, tiny_converted_dir):
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer, tiny_converted_dir):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     other = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import t2r
+from conftest import tiny_model
 from t2r.adapters import RecurrentCache, RecurrentLayer
 from t2r.generate import Sampling
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import t2r
+from conftest import tiny_model
 from t2r.transfer import AttentionTransfer
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "converted_logits.json").read_text())

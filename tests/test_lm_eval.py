@@ -16,10 +16,11 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (p
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from t2r import lm_eval_bridge  # noqa: E402
+from t2r.cli.evaluation import eval_command as run_eval  # noqa: E402
+from t2r.cli.evaluation import lm_eval_command as lm_eval
+from t2r.cli.render import render_lm_eval  # noqa: E402
 from t2r.data import TokenBlocks  # noqa: E402
 from t2r.errors import T2RError  # noqa: E402
-from t2r.cli.evaluation import eval_command as run_eval, lm_eval_command as lm_eval  # noqa: E402
-from t2r.cli.render import render_lm_eval  # noqa: E402
 from t2r.evaluate import rolling_windows  # noqa: E402
 from t2r.lm_eval_bridge import load_dataset  # noqa: E402
 

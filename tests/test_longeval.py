@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
 
 import t2r
+from conftest import tiny_model
 from t2r.ablation import ablated
 from t2r.adapters import original_model
 from t2r.attention import LinearAttention

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 import t2r
+from conftest import tiny_model
 from t2r.errors import RecipeError
 from t2r.mixers import MIXERS, LinearMixer, WindowMixer, build_mixer
 from t2r.ops import linear_attention, sliding_window_linear_attention

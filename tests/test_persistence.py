@@ -17,10 +17,9 @@ import transformers
 from safetensors.torch import load_file
 
 import t2r
+from conftest import tiny_model
 from t2r.errors import ModelSourceError, NotAT2RModelError, T2RError
 from t2r.sources import load_model, resolve
-
-from conftest import tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 128, 64, 1, 200, 33]])  # fixed ids, < every tiny vocab (259)
 

@@ -208,9 +208,7 @@ def test_parsers_accept_good_input():
 
 def test_command_line_turns_bad_input_into_exit_code_2(tiny_converted_dir, monkeypatch, capsys):
     from t2r.cli import app
-    from t2r.cli.recall import recall
 
-    monkeypatch.setattr(app, "COMMANDS", [c for c in app.COMMANDS if c.__name__ != "recall"] + [recall])
     for flags in (["--lengths", "1k,zz"], ["--task", "nope"], ["--depths", "0,7"]):
         assert app.main(["recall", str(tiny_converted_dir), *flags]) == 2
         err = capsys.readouterr().err.strip()
@@ -221,7 +219,8 @@ def test_command_line_turns_bad_input_into_exit_code_2(tiny_converted_dir, monke
 
 
 def test_recall_command_runs_student_and_teacher(tiny_converted_dir, tiny_model_dir, tmp_path):
-    from t2r.cli.recall import recall, render_recall
+    from t2r.cli.recall import recall_command as recall
+    from t2r.cli.recall import render_recall
 
     pytest.importorskip("matplotlib")
     r = recall(str(tiny_converted_dir), lengths="300,400", depths="0,1", samples=2, plot=str(tmp_path / "r.png"))

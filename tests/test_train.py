@@ -21,8 +21,17 @@ from conftest import tiny_model
 from t2r.data import TokenBlocks
 from t2r.errors import T2RError
 from t2r.stages.finetune import Finetuning, finetune_model
-from t2r.train import (METRICS, BlockStream, NonFiniteLossError, RunLock, TrainConfig, TrainError,
-                       check_distributed, lr_factor, parse_tokens)
+from t2r.train import (
+    METRICS,
+    BlockStream,
+    NonFiniteLossError,
+    RunLock,
+    TrainConfig,
+    TrainError,
+    check_distributed,
+    lr_factor,
+    parse_tokens,
+)
 
 STEPS = 6
 

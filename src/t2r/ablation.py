@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from .adapters import adapter_for
 from .attention import LinearAttention
 from .errors import T2RError
 from .recipe import Recipe
+from .rng import seeded
 
 PARTS = ("linear", "window", "softmax-layers")
 
@@ -53,7 +53,6 @@ def _fresh_linear(adapter, softmax: nn.Module, layer_idx: int, model: nn.Module,
     """A linear attention module around a softmax layer's projections, with the model's recipe and new feature maps."""
     recipe = Recipe.from_dict(model.config.t2r)
     param = next(model.parameters())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + layer_idx)
+    with seeded(seed + layer_idx):
         module = adapter.linear_attention(softmax, layer_idx, recipe)
     return module.to(param.device)

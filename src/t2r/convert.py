@@ -14,6 +14,7 @@ from .adapters import adapter_for, is_converted, mark_converted, restore_softmax
 from .attention import LinearAttention
 from .errors import RecipeError, T2RError
 from .recipe import Recipe
+from .rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     recipe = recipe or Recipe.from_dict({k: v for k, v in fields.items() if v is not None})  # None: the default
     adapter = adapter_for(model)
     param = next(model.parameters())
-    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed) if seed is not None else nullcontext():
         swap_attention(model, recipe, adapter)
     # new modules are float32 on CPU; follow the model's device (feature maps stay float32 by design)
     model.to(param.device)
@@ -55,8 +54,7 @@ def reinitialize(model: nn.Module, seed: int = 0, std: float | None = None) -> n
     if is_converted(model):
         raise T2RError("reinitialize the model before converting it (feature maps keep their own initialisation)")
     std = std if std is not None else float(getattr(model.config, "initializer_range", None) or 0.02)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(seed), torch.no_grad():
         for name, param in model.named_parameters():  # yields a tied tensor once
             if param.dim() >= 2:
                 param.normal_(0.0, std)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,6 +11,7 @@ from transformers import DynamicCache
 
 from .adapters import RecurrentCache, adapter_for, cache_bytes, is_converted
 from .errors import T2RError
+from .rng import seeded as seeded_rng
 
 
 @dataclass(frozen=True)
@@ -79,19 +79,6 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """HF `generate()` samples from torch's global RNG: seed it inside a fork, so the caller's state comes back
-    (`t2r.train.seeded` too; not imported from there, which would load the trainer with every `import t2r`)."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int = 64, sampling: Sampling = GREEDY,
              stopping_criteria=None, streamer=None) -> GenerationResult:
@@ -104,7 +91,7 @@ def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int 
     cache = new_cache(model)
     seeded = sampling.do_sample and sampling.seed is not None
     start = time.perf_counter()
-    with _seeded(sampling.seed, device) if seeded else nullcontext():
+    with seeded_rng(sampling.seed, device) if seeded else nullcontext():
         out = model.generate(**enc, cache=cache, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              stopping_criteria=stopping_criteria, streamer=streamer, **sampling.hf_options())
     seconds = time.perf_counter() - start

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ADAPTERS, adapter_for, original_model
@@ -47,15 +46,6 @@ def follow_device(module: nn.Module, device: torch.device) -> None:
     """Move a teacher kept outside the trained module (so `accelerate` did not move it) to where the inputs are."""
     if any(t.device != device for t in itertools.chain(module.parameters(), module.buffers())):
         module.to(device)
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention: q [B, T, H, D], k, v [B, T, Hkv, D] -> [B, T, H, D] (the teacher's, pre o_proj)."""
-    groups = q.shape[2] // k.shape[2]
-    k, v = repeat_heads(k, groups), repeat_heads(v, groups)  # (B, T, H, D)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       scale=scale)  # (B, H, T, D)
-    return o.transpose(1, 2)  # (B, T, H, D)
 
 
 def attention_rows(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor,

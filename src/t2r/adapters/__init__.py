@@ -3,13 +3,13 @@ registered converted classes. A new transformers release can break only this fol
 
 from . import gpt2, llama  # noqa: F401  (registers the adapters)
 from .base import ADAPTERS, adapter_for, key_mask_from, restore_softmax, supported_model_types, swap_attention
-from .cache import RecurrentCache, RecurrentLayer, cache_bytes, recurrent_slot
+from .cache import RecurrentCache, RecurrentLayer, cache_bytes, extend_kv_cache, recurrent_slot
 from .classes import CONVERTED_CLASSES, is_converted, mark_converted, original_model, register_all
 
 register_all()
 
 __all__ = [
-    "ADAPTERS", "CONVERTED_CLASSES", "RecurrentCache", "RecurrentLayer", "adapter_for", "cache_bytes",
+    "ADAPTERS", "CONVERTED_CLASSES", "RecurrentCache", "RecurrentLayer", "adapter_for", "cache_bytes", "extend_kv_cache",
     "is_converted", "key_mask_from", "mark_converted", "original_model", "recurrent_slot", "restore_softmax",
     "supported_model_types", "swap_attention",
 ]

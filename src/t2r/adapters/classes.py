@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..attention import is_conversion_parameter
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
+from ..rng import seeded
 from .base import ADAPTERS, adapter_for, base_model_type, swap_attention
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ def original_model(model: nn.Module) -> nn.Module:
         {k: v for k, v in model.config.to_dict().items() if k not in ("t2r", "model_type", "architectures")})
     config._attn_implementation = model.config._attn_implementation
     param = next(model.parameters())
-    original = model_cls(config).to(device=param.device, dtype=param.dtype)
+    with seeded(None):  # its random initial weights are overwritten: leave the caller's RNG as it was
+        original = model_cls(config).to(device=param.device, dtype=param.dtype)
     state = {k: v for k, v in model.state_dict().items() if not is_conversion_parameter(k)}
     missing, unexpected = original.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings

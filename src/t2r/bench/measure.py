@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..adapters import RecurrentLayer, cache_bytes, original_model
+from ..adapters import adapter_for, cache_bytes, original_model
 from ..decode import decode, iter_decode
 from ..generate import new_cache
 from .report import ratios, targets
@@ -85,21 +85,6 @@ def copy_cache(cache, batch: int = 1):
         out = copy.deepcopy(cache)
         if batch > 1:
             out.batch_repeat_interleave(batch)
-    return out
-
-
-def extend_cache(cache, length: int):
-    """`cache` (batch 1) made to hold `length` tokens: softmax keys/values tiled along the sequence, recurrent
-    states kept as they are with their token count set to `length`. Returns a new cache."""
-    out = copy_cache(cache)
-    with torch.inference_mode():
-        for layer in out.layers:
-            if isinstance(layer, RecurrentLayer):
-                layer.seen_tokens = length
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                reps = -(-length // layer.keys.shape[-2])
-                layer.keys = layer.keys.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
-                layer.values = layer.values.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
     return out
 
 
@@ -255,7 +240,7 @@ def _prepare_context(models: dict, sources: dict, history: dict, length: int, *,
                           "prefill_cpu_seconds": cpu_seconds, "cache_fill": "real prefill"}
         else:
             source_len, source = sources[name]
-            cache = extend_cache(source, length)
+            cache = adapter_for(model).extend_cache(source, length)
             info[name] = {"prefill_tokens_per_s": None, "prefill_seconds": None, "prefill_cpu_seconds": None,
                           "prefill_skipped": f"predicted {predicted:.0f} s > prefill cap {cap_s:.0f} s",
                           "cache_fill": f"real {source_len}-token prefill extended to {length} tokens"}

@@ -164,7 +164,8 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
         raise T2RError(f"--text {text!r} does not exist")
     ours = {p.stem for p in TASKS_DIR.glob("*.yaml")}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(task_list) <= ours,
-                          metadata={"text": text} if text else {})  # indexing lm-eval's own tasks takes seconds
+                          metadata={"tokenizer": tokenizer, **({"text": text} if text else {})})  # indexing lm-eval's
+    # own tasks takes seconds; the recall tasks build their prompts with the model's tokenizer
     log.info("lm-eval %s on %s (%s model)", ",".join(task_list), model, which)
     results = simple_evaluate(model=lm, model_args=model_args, tasks=task_list, batch_size=batch_size,
                               device=device, limit=limit, task_manager=manager, log_samples=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..attention import is_conversion_parameter
 from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
 from ..generate import Sampling, generate
@@ -48,7 +49,7 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
     return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,
             "linear_layers": count_linear_layers(converted),
             "parameters_added": sum(p.numel() for n, p in converted.named_parameters()
-                                    if ".feature_map." in n or n.endswith("window_logit")),
+                                    if is_conversion_parameter(n)),
             "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -35,7 +35,7 @@ def _load(model: str):
     return None, lambda: plain, tokenizer
 
 
-def recall(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4k", depths: str = "0,0.25,0.5,0.75,1",
+def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4k", depths: str = "0,0.25,0.5,0.75,1",
            pairs: str = "8,32,128", samples: int = 20, teacher: bool = True, plot: str | None = None, seed: int = 0,
            as_json: bool = False) -> dict:
     """Synthetic recall of a converted model beside its original: passkey retrieval or multi-query associative recall.

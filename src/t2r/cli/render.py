@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..bench import render_bench
 from ..stages.pipeline import report_markdown
 from ..units import fmt_bytes
+from .recall import render_recall
 
 
 def _eval_line(name: str, e: dict | None) -> str:
@@ -99,4 +100,4 @@ def render(command: str, r: dict) -> str:
 
 
 RENDERERS = {"eval": render_eval, "lm-eval": render_lm_eval, "pipeline": render_pipeline, "demo": render_pipeline,
-             "bench": render_bench, "distill": render_distill, "finetune": render_finetune}
+             "bench": render_bench, "distill": render_distill, "finetune": render_finetune, "recall": render_recall}

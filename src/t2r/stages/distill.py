@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..adapters import is_converted
+from ..attention import is_conversion_parameter
 from ..data import prepare_data, read_meta
 from ..errors import T2RError
 from ..evaluate import perplexity
@@ -22,16 +23,18 @@ log = logging.getLogger(__name__)
 
 
 class DistillTask(Task):
-    """Attention transfer as a trainer task: feature maps (and window logits) train, everything else is frozen."""
+    """Attention transfer as a trainer task: feature maps and mixer parameters (window factors, gates) train, everything
+    else is frozen."""
 
     def __init__(self, student: nn.Module, tokenizer=None, *, attn_ce: float = 0.0) -> None:
         trainable = 0
         for name, param in student.named_parameters():
-            param.requires_grad_(".feature_map." in name or name.endswith("window_logit"))
+            param.requires_grad_(is_conversion_parameter(name))
             trainable += param.numel() if param.requires_grad else 0
         if not trainable:
-            raise T2RError(f"feature map {student.config.t2r['feature_map']!r} has no parameters and there is no "
-                           "window: nothing to distill; convert with a learned map (hedgehog, t2r, taylor)")
+            recipe = student.config.t2r
+            raise T2RError(f"feature map {recipe['feature_map']!r} and mixer {recipe['mixer']!r} have no parameters: "
+                           "nothing to distill; convert with a learned map (hedgehog, t2r, taylor) or a window")
         self.module = AttentionTransfer(student, attn_ce=attn_ce)
         self.tokenizer = tokenizer
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -109,18 +107,3 @@ class BlockStream:
                                                      generator=torch.Generator().manual_seed(self.seed + epoch))}
             out.append(self._perms[epoch][i])
         return torch.stack(out)
-
-
-@contextmanager
-def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None]:
-    """Run the block with torch's CPU RNG (and, for a CUDA `device`, every CUDA device's: a checkpoint saves and
-    restores them all) seeded by `seed`; each is put back as it was afterwards, so library code never changes the
-    caller's random state."""
-    device = torch.device(device or "cpu")
-    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import write_json
+from ..rng import seeded
 from .checkpoint import (
     CHECKPOINT,
     METRICS,
@@ -47,7 +48,7 @@ from .checkpoint import (
     set_rng,
     truncate_metrics,
 )
-from .config import BlockStream, TrainConfig, lr_factor, seeded
+from .config import BlockStream, TrainConfig, lr_factor
 
 log = logging.getLogger(__name__)
 
