@@ -1,13 +1,10 @@
 """How tests/golden/converted_logits.json was recorded, on commit 4b4b541, BEFORE the relayout of issue 10 (kept for
 the record; it imports the old module paths and is not run again: the expected values must not be recomputed)."""
-import json
-import sys
-
+import json, sys
 sys.path.insert(0, "tests")
 import torch
-
-import t2r
 from conftest import FAMILIES, tiny_model
+import t2r
 
 RECIPES = {
     "hedgehog": dict(feature_map="hedgehog", feature_dim=16),
@@ -34,7 +31,6 @@ for family in FAMILIES:
 json.dump(out, open("tests/golden/converted_logits.json", "w"), indent=1)
 print(len(out["cases"]), "cases")
 from t2r.distill import AttentionTransfer
-
 out["transfer"] = {}
 for family in FAMILIES:
     for name in ("hedgehog", "t2r-window-kept"):
