@@ -15,7 +15,7 @@ from t2r.adapters import extend_kv_cache as extend_cache
 from t2r.bench import BenchSettings, copy_cache, parse_sizes, predict_seconds, ratios, render_bench, targets
 from t2r.cli.evaluation import bench_command
 from t2r.errors import T2RError
-from t2r.train.settings import flag
+from t2r.settings import flag
 
 ROW_KEYS = {"model", "context", "batch", "decode_ms_per_token", "prefill_tokens_per_s", "cache_bytes",
             "peak_rss_bytes"}

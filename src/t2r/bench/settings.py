@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, model_validator
 
 from ..errors import T2RError
-from ..train.settings import Settings
+from ..settings import Settings
 
 
 def parse_sizes(spec: str, what: str = "--contexts") -> list[int]:

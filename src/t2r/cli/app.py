@@ -19,7 +19,7 @@ import types
 import typing
 
 from ..errors import T2RError
-from ..train.settings import flag, model_in
+from ..settings import flag, model_in
 from .evaluation import bench_command, eval_command, lm_eval_command
 from .models import convert_command, generate_command, verify_command
 from .recall import recall_command

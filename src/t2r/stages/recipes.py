@@ -32,7 +32,8 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from ..errors import T2RError
 from ..feature_maps import FEATURE_MAPS
 from ..recipe import INITS, Recipe
-from ..train.settings import DistillSettings, FinetuneSettings, Settings, SettingsError, describe_errors, dotted
+from ..settings import Settings, SettingsError, describe_errors, dotted
+from ..train.settings import DistillSettings, FinetuneSettings
 
 DEFAULT_PROMPT = "It is a truth universally acknowledged"
 

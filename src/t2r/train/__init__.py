@@ -3,9 +3,10 @@ command line and the recipes), the loop (trainer.py) and its run directory and c
 stages that use it (attention transfer, finetuning, the pipeline) live in `t2r.stages`."""
 
 from ..rng import seeded
+from ..settings import Settings, SettingsError
 from .checkpoint import CHECKPOINT, METRICS, SUMMARY, RunLock, TrainError, check_run_dir
 from .config import BlockStream, TrainConfig, lr_factor, parse_tokens
-from .settings import DistillSettings, FinetuneSettings, Settings, SettingsError, TrainSettings
+from .settings import DistillSettings, FinetuneSettings, TrainSettings
 from .trainer import NonFiniteLossError, Task, Trainer, check_distributed, make_accelerator, train
 
 __all__ = [
