@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import original_model
 from ..bench import BenchSettings, plot_bench, run_bench
 from ..data import load_documents, prepare_data, read_meta
 from ..errors import T2RError
@@ -23,31 +22,11 @@ from ..lm_eval_bridge import (
     require_lm_eval,
     task_metrics,
 )
-from ..persistence import is_t2r_dir, load, load_tokenizer
+from ..persistence import load
 from ..sources import load_model
+from .models import load_with_teacher
 
 log = logging.getLogger("t2r")
-
-
-def _load(model: str):
-    """(student or None, teacher loader, tokenizer, description) for a converted directory or any plain source."""
-
-    if Path(model).is_dir() and _is_converted_dir(Path(model)):
-
-        log.info("loading %s", model)
-        student = load(model)
-        tokenizer = load_tokenizer(model)
-        if tokenizer is None:
-            raise T2RError(f"{model!r} has no tokenizer files beside the model: save it with t2r.save(model, dir, "
-                           "tokenizer) or convert it again")
-        return student, lambda: original_model(student), tokenizer
-
-    teacher, tokenizer, _ = load_model(model)
-    return None, lambda: teacher, tokenizer
-
-
-def _is_converted_dir(path: Path) -> bool:
-    return is_t2r_dir(path)
 
 
 def _block_size(data: str, context: int) -> int:
@@ -91,7 +70,7 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
     """
     _check_args(split, context, max_blocks, batch_size)
     start = time.perf_counter()
-    student, load_teacher, tokenizer = _load(model)
+    student, load_teacher, tokenizer = load_with_teacher(model)
     if text is not None:
 
         documents = load_documents(text)

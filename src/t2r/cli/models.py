@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
+from ..adapters import original_model
 from ..attention import is_conversion_parameter
 from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
 from ..generate import Sampling, generate
-from ..persistence import load, load_tokenizer, save
+from ..persistence import is_t2r_dir, load, load_tokenizer, save
 from ..recipe import INITS
 from ..sources import load_model
 from ..stages.recipes import ConvertSettings
@@ -101,3 +103,17 @@ def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json:
     report = verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
     return report
+
+
+def load_with_teacher(model: str):
+    """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
+    its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
+    alone (`eval`, `recall`)."""
+    if Path(model).is_dir() and is_t2r_dir(Path(model)):
+        student, tokenizer = _load_converted(model)
+        if tokenizer is None:
+            raise T2RError(f"{model!r} has no tokenizer files beside the model: save it with t2r.save(model, dir, "
+                           "tokenizer) or convert it again")
+        return student, lambda: original_model(student), tokenizer
+    teacher, tokenizer, _ = load_model(model)
+    return None, lambda: teacher, tokenizer

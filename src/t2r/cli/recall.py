@@ -9,30 +9,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import original_model
 from ..errors import T2RError
-from ..persistence import is_t2r_dir, load, load_tokenizer
 from ..recall import RecallSettings, parse_depths, parse_lengths, parse_pairs, plot_recall, run_recall
-from ..sources import load_model
+from .models import load_with_teacher
 
 log = logging.getLogger("t2r")
 
 LABELS = {"teacher": "original", "student": "converted"}
 CELL_KEYS = {"passkey": ("length", "depth"), "mqar": ("pairs",)}
-
-
-def _load(model: str):
-    """(student or None, teacher loader, tokenizer) for a converted directory or any plain source."""
-    if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        log.info("loading %s", model)
-        student = load(model)
-        tokenizer = load_tokenizer(model)
-        if tokenizer is None:
-            raise T2RError(f"{model!r} has no tokenizer files beside the model: save it with t2r.save(model, dir, "
-                           "tokenizer) or convert it again")
-        return student, lambda: original_model(student), tokenizer
-    plain, tokenizer, _ = load_model(model)
-    return None, lambda: plain, tokenizer
 
 
 def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4k", depths: str = "0,0.25,0.5,0.75,1",
@@ -62,7 +46,7 @@ def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4
         raise T2RError(f"no such model directory or file: {model!r}")
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student, load_teacher, tokenizer = _load(model)
+    student, load_teacher, tokenizer = load_with_teacher(model)
     result = {"model": model, "task": task, "which": "converted" if student is not None else "plain",
               "device": str(device), "chance": 1.0 / (settings.distractors + 1), "settings": settings.to_dict()}
     if student is not None:
