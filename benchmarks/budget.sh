@@ -24,13 +24,14 @@ for set in austen pydocs; do
   t2r eval runs/teacher-ft-150k --data "$set" --max-blocks 24 --batch-size 2 --json > "runs/teacher-ft-150k/eval-$set.json"
 done
 # the second attempt: stage 2 distils from the original finetuned on 150k tokens (also its reference row). Its
-# converted / distill / softmax-layers stages are hybrid-650k's and its teacher-finetune is teacher-ft-150k (same
-# settings, same seeded tokens): hard-link them in to skip recomputing them, or leave this out to run all of it.
+# converted / distill / softmax-layers stages are hybrid-650k's (same settings, same seeded tokens): hard-link them in
+# to skip recomputing them (the pipeline checks each stage's recorded settings, OUT/<stage>/stage.json, against the
+# recipe before reusing it). Its teacher-finetune stage is the same run as teacher-ft-150k, but a `t2r finetune` run
+# records no pipeline settings, so the pipeline trains that stage itself (about 20 min on both cores).
 mkdir -p runs/hybrid-800k
 for stage in converted distill softmax-layers; do
   [ -e "runs/hybrid-800k/$stage" ] || cp -al "runs/hybrid-650k/$stage" "runs/hybrid-800k/$stage"
 done
-[ -e runs/hybrid-800k/teacher-finetune ] || cp -al runs/teacher-ft-150k runs/hybrid-800k/teacher-finetune
 OMP_NUM_THREADS=2 t2r pipeline --config benchmarks/hybrid-800k.yaml --out runs/hybrid-800k
 # and with 9 softmax layers instead of 6 (the same converted / distill / teacher-finetune stages)
 mkdir -p runs/hybrid-800k-auto9
