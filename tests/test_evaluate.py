@@ -14,6 +14,7 @@ import transformers
 import t2r
 from conftest import tiny_model
 from t2r import cli
+from t2r.cli.evaluation import EvalOptions, parse_context
 from t2r.cli.evaluation import eval_command as run_eval
 from t2r.cli.render import render_eval
 from t2r.data import DataError, prepare_data
@@ -127,7 +128,7 @@ def write_text(tmp_path, copies: int = 12):
 
 def test_eval_teacher_row_is_the_original_models_own_perplexity(tiny_converted_dir, tiny_model_dir, tmp_path):
     text = write_text(tmp_path)
-    r = run_eval(str(tiny_converted_dir), data=str(text), context=64, batch_size=3)
+    r = run_eval(str(tiny_converted_dir), data=str(text), context=64, options=EvalOptions(batch_size=3))
     assert r["split"] == "heldout" and r["blocks"] == 1 and r["block_size"] == 512
     assert r["student"]["tokens"] == r["teacher"]["tokens"] == 8 * 63
     assert r["ratio"] == pytest.approx(r["student"]["ppl"] / r["teacher"]["ppl"])
@@ -150,7 +151,7 @@ def test_eval_with_an_explicit_teacher_model(tiny_converted_dir, tiny_model_dir,
 
 def test_eval_train_split_no_teacher_and_max_blocks(tiny_converted_dir, tmp_path):
     r = run_eval(str(tiny_converted_dir), data=str(write_text(tmp_path)), split="train", context=256,
-                 max_blocks=2, teacher=False)
+                 options=EvalOptions(max_blocks=2, teacher=False))
     assert r["blocks"] == 2 and r["student"]["tokens"] == 2 * 2 * 255
     assert "teacher" not in r and "ratio" not in r
 
@@ -162,15 +163,18 @@ def test_eval_text_mode_and_plain_model(tiny_model_dir, tmp_path):
     assert "word ppl" in render_eval(r)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(split="test"), "unknown split"),
-    (dict(context=0), "--context"),
-    (dict(max_blocks=0), "--max-blocks"),
-    (dict(batch_size=0), "--batch-size"),
+@pytest.mark.parametrize("argv, message", [
+    (["--split", "test"], "unknown split"),
+    (["--context", "0"], "--context"),
+    (["--context", "lots"], "--context"),
+    (["--max-blocks", "0"], "--max-blocks"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--ablate", "mlp"], "unknown ablation 'mlp'"),
 ])
-def test_eval_rejects_bad_options(tiny_converted_dir, kwargs, message):
-    with pytest.raises(T2RError, match=message):
-        run_eval(str(tiny_converted_dir), **kwargs)
+def test_eval_rejects_bad_options(tiny_converted_dir, capsys, argv, message):
+    assert cli.main(["eval", str(tiny_converted_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
 
 
 def test_eval_rejects_missing_model_and_data(tiny_converted_dir, tmp_path):
@@ -197,7 +201,9 @@ def test_eval_function_is_a_cli_command():
     parser = argparse.ArgumentParser()
     cli.app._add_command(parser.add_subparsers(dest="command"), run_eval)
     args = parser.parse_args(["eval", "runs/x", "--context", "64", "--no-teacher", "--max-blocks", "3"])
-    assert (args.model, args.context, args.teacher, args.max_blocks, args.split) == ("runs/x", 64, False, 3, "heldout")
+    assert (args.model, args.context, args.teacher, str(args.max_blocks), args.split) == ("runs/x", "64", False, "3",
+                                                                                       "heldout")
+    assert parse_context(args.context) == 64 and parse_context("16k") == 16384 and parse_context(512) == 512
     assert "loglikelihood_rolling" in parser._subparsers._group_actions[0].choices["eval"].format_help()
 
 
@@ -233,3 +239,25 @@ def test_model_fingerprint_covers_the_recipe():
     assert model_fingerprint(a) == model_fingerprint(t2r.convert(tiny_model("llama"), feature_map="hedgehog",
                                                                  feature_dim=8, window=0))
     assert model_fingerprint(a) != model_fingerprint(b)  # same weights, different forward
+
+
+def test_eval_positions_with_ablations_and_plot(tiny_converted_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    options = EvalOptions(positions=True, chunk=16, ablate="linear,window,softmax-layers", plot=str(tmp_path / "p.png"))
+    r = run_eval(str(tiny_converted_dir), data=str(write_text(tmp_path, 4)), context=64, options=options)
+    assert r["positions"] and r["documents"] >= 1 and r["context"] == 64
+    for who in ("teacher", "student", *(r["ablations"][p] for p in ("linear", "window", "softmax-layers"))):
+        result = r[who] if isinstance(who, str) else who
+        assert [(b["start"], b["end"]) for b in result["buckets"]] == [(0, 64)] and result["stopped_at"] is None
+    assert all(len(a["bucket_ratios"]) == 1 and a["bucket_ratios"][0] > 0 for a in r["ablations"].values())
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "position" in render_eval(r)
+
+
+def test_eval_refuses_what_it_cannot_measure(tiny_converted_dir, tiny_model_dir, tmp_path, capsys):
+    text = str(write_text(tmp_path, 4))
+    for argv in ([str(tiny_converted_dir), "--data", text, "--context", "100k", "--positions"],
+                 [str(tiny_model_dir), "--data", text, "--ablate", "window"]):
+        assert cli.main(["eval", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+        assert err.startswith("t2r eval: error:")

@@ -16,6 +16,7 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (p
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from t2r import lm_eval_bridge  # noqa: E402
+from t2r.cli.evaluation import EvalOptions  # noqa: E402
 from t2r.cli.evaluation import eval_command as run_eval  # noqa: E402
 from t2r.cli.evaluation import lm_eval_command as lm_eval
 from t2r.cli.render import render_lm_eval  # noqa: E402
@@ -77,7 +78,7 @@ def test_lm_eval_limit_and_bad_input(tiny_converted_dir, tiny_model_dir, jsonl, 
     r = lm_eval(str(tiny_converted_dir), text=str(jsonl), context=CONTEXT, limit=1)
     first = tmp_path / "first.txt"
     first.write_text(PARAGRAPHS[0], encoding="utf-8")
-    ours = run_eval(str(tiny_converted_dir), text=str(first), context=CONTEXT, teacher=False)["student"]
+    ours = run_eval(str(tiny_converted_dir), text=str(first), context=CONTEXT, options=EvalOptions(teacher=False))["student"]
     assert relative(r["results"]["t2r_text"]["word_perplexity"], ours["word_perplexity"]) < 1e-3
     with pytest.raises(T2RError, match="not a converted"):
         lm_eval(str(tiny_model_dir), text=str(jsonl), original=True)
@@ -122,5 +123,5 @@ def test_lm_evals_own_command_line_loads_the_converted_directory(tiny_converted_
     assert done.returncode == 0, done.stderr[-3000:]
     [results_file] = out.rglob("results_*.json")
     theirs = json.loads(results_file.read_text())["results"]["t2r_text"]["word_perplexity,none"]
-    ours = run_eval(str(tiny_converted_dir), text=str(jsonl), context=CONTEXT, teacher=False)["student"]
+    ours = run_eval(str(tiny_converted_dir), text=str(jsonl), context=CONTEXT, options=EvalOptions(teacher=False))["student"]
     assert relative(theirs, ours["word_perplexity"]) < 1e-3

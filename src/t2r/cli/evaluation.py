@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from pydantic import Field, field_validator
 
-from ..bench import BenchSettings, plot_bench, run_bench
+from ..ablation import PARTS, ablated
+from ..bench import BenchSettings, parse_sizes, plot_bench, run_bench
 from ..data import load_documents, prepare_data, read_meta
 from ..errors import T2RError
 from ..evaluate import DEFAULT_BLOCK_SIZE, SPLITS, perplexity, predicted_bytes, text_perplexity
+from ..io import write_json
 from ..lm_eval_bridge import (
     AUSTEN_BLOCKS,
     TASKS_DIR,
@@ -22,7 +25,9 @@ from ..lm_eval_bridge import (
     require_lm_eval,
     task_metrics,
 )
+from ..longeval import PositionSettings, plot_positions, position_losses, trained_context
 from ..persistence import load
+from ..settings import Settings
 from ..sources import load_model
 from .models import load_with_teacher
 
@@ -31,77 +36,153 @@ log = logging.getLogger("t2r")
 
 def _block_size(data: str, context: int) -> int:
     """A folder written by `t2r data --out` keeps its block size; otherwise blocks of max(512, context)."""
-
     path = Path(data).expanduser()
     meta = read_meta(path) if path.is_dir() else None
     return int(meta["block_size"]) if meta else max(DEFAULT_BLOCK_SIZE, context)
 
 
-def _check_args(split: str, context: int, max_blocks: int | None, batch_size: int) -> None:
-    if split not in SPLITS:
-        raise T2RError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    if context < 2:
-        raise T2RError(f"--context must be at least 2 tokens, got {context}")
-    if max_blocks is not None and max_blocks <= 0:
-        raise T2RError(f"--max-blocks must be positive, got {max_blocks}")
-    if batch_size <= 0:
-        raise T2RError(f"--batch-size must be positive, got {batch_size}")
+class EvalOptions(Settings):
+    """How `t2r eval` evaluates (the flags besides what and on what)."""
+
+    max_blocks: int | None = Field(None, gt=0, description="evaluate only the first N blocks (with --positions: "
+                                                           "documents) of the split.")
+    batch_size: int = Field(4, gt=0, description="windows per forward pass.")
+    teacher: bool = Field(True, description="also evaluate the teacher: the original softmax model rebuilt from the "
+                                            "converted model's weights.")
+    positions: bool = Field(False, description="loss by position: whole held-out documents of --context tokens, "
+                                               "each read in chunks that carry the model's state, averaged in "
+                                               "position buckets (0-64, 64-256, 256-1k, 1k-4k, 4k-8k, 8k-16k).")
+    chunk: int = Field(2048, gt=0, description="with --positions: tokens per forward pass.")
+    ablate: str = Field("", description="also evaluate the converted model with a part switched off, comma-"
+                                        f"separated: {', '.join(PARTS)} (window only, linear only, kept softmax "
+                                        "layers made linear).")
+    plot: str | None = Field(None, description="with --positions: write the loss-by-position plot (PNG) here.")
+
+    @field_validator("ablate")
+    @classmethod
+    def _parts(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown:
+            raise ValueError(f"unknown ablation {unknown[0]!r}; choose from: {', '.join(PARTS)}")
+        return ",".join(parts)
 
 
-def eval_command(model: str, *, data: str = "austen", split: str = "heldout", context: int = 512,
-                 max_blocks: int | None = None, batch_size: int = 4, text: str | None = None, teacher: bool = True,
-                 teacher_model: str | None = None, as_json: bool = False) -> dict:
-    """Perplexity of a converted model beside its original (the teacher) on the same tokens.
+def parse_context(context: str | int) -> int:
+    """"512", "16k" (k = 1024) or an int -> tokens (at least 2)."""
+    value = context if isinstance(context, int) else parse_sizes(str(context), "--context")
+    value = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if not isinstance(value, int) or value < 2:
+        raise T2RError(f"--context takes one length of at least 2 tokens, like 512 or 16k; got {context!r}")
+    return value
+
+
+def _text_runner(text: str, tokenizer, context: int, options: EvalOptions):
+    documents = load_documents(text)
+    run = lambda m, label: text_perplexity(m, tokenizer, documents, max_length=context,  # noqa: E731
+                                           batch_size=options.batch_size, progress=label)
+    return run, {"text": text, "documents": len(documents)}
+
+
+def _blocks_runner(data: str, split: str, tokenizer, context: int, options: EvalOptions):
+    blocks = getattr(prepare_data(data, tokenizer, block_size=_block_size(data, context)), split)[:options.max_blocks]
+    n_bytes = predicted_bytes(tokenizer, blocks, context)
+    run = lambda m, label: perplexity(m, blocks, context=context, batch_size=options.batch_size,  # noqa: E731
+                                      byte_count=n_bytes, progress=label)
+    return run, {"data": data, "split": split, "blocks": int(blocks.shape[0]), "block_size": int(blocks.shape[1])}
+
+
+def _positions_runner(data: str, split: str, tokenizer, context: int, options: EvalOptions):
+    docs = getattr(prepare_data(data, tokenizer, block_size=context), split)[:options.max_blocks]  # (N, context)
+    settings = PositionSettings(chunk=options.chunk, max_cache_bytes=_kv_budget())
+    run = lambda m, label: {**position_losses(m, docs, replace(settings, progress=label)),  # noqa: E731
+                            "trained_context": trained_context(m)}
+    return run, {"data": data, "split": split, "documents": int(docs.shape[0]), "positions": True,
+                 "kv_cache_cap_bytes": settings.max_cache_bytes}
+
+
+def _kv_budget() -> int | None:
+    """Half the memory available now: where a softmax model's growing KV cache stops reading a long document."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available // 2
+
+
+def _ablations(student, run, parts: str) -> dict:
+    """The student's result with each part switched off (see `t2r.ablation`)."""
+    out = {}
+    for part in [p for p in parts.split(",") if p]:
+        with ablated(student, part):
+            log.info("evaluating the converted model with the %s part off", part)
+            out[part] = run(student, f"{part} off")
+    return out
+
+
+def eval_command(model: str, *, data: str = "austen", split: str = "heldout", context: str = "512",
+                 text: str | None = None, teacher_model: str | None = None, options: EvalOptions = EvalOptions(),
+                 as_json: bool = False) -> dict:
+    """Perplexity of a converted model beside its original (the teacher) on the same tokens; with --positions, loss
+    by position over long held-out documents; with --ablate, also with a part of the converted model switched off.
 
     Args:
         model: directory of a converted model; a plain model (HF directory, GGUF file) gives the teacher row only.
         data: austen, kjv, pydocs, mix, a text/.jsonl file, a folder of text files, or a `t2r data --out` folder.
-        split: train or heldout (the split rule of `t2r data`).
-        context: tokens per evaluation window: blocks of 512 tokens (of `context`, if longer; a `t2r data` folder
-            keeps its own) are cut into non-overlapping windows of this length. With --text: lm-eval's max_length.
-        max_blocks: evaluate only the first N blocks of the split.
-        batch_size: windows per forward pass.
+        split: train or heldout (the split rule of `t2r data`; held-out text is whole stretches of 16,384 tokens).
+        context: tokens per evaluation window (k = 1024): blocks of 512 tokens (of `context`, if longer; a `t2r data`
+            folder keeps its own) are cut into non-overlapping windows of this length. With --positions: the length
+            of each document (up to 16k). With --text: lm-eval's max_length.
         text: a text file, .jsonl (one document per line, field "text") or folder: compute lm-eval's
             loglikelihood_rolling figures (word perplexity, byte perplexity, bits per byte) over it instead.
-        teacher: also evaluate the teacher: the original softmax model rebuilt from the converted model's weights.
         teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
             model after full finetuning, which changes the weights the rebuilt original would use.
+        options: how to evaluate.
         as_json: print the result as JSON.
     """
-    _check_args(split, context, max_blocks, batch_size)
+    if split not in SPLITS:
+        raise T2RError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    context = parse_context(context)
+    if options.ablate and text is not None:
+        raise T2RError("--ablate works on --data blocks or --positions documents, not with --text")
     start = time.perf_counter()
     student, load_teacher, tokenizer = load_with_teacher(model)
+    if options.ablate and student is None:
+        raise T2RError(f"--ablate switches off parts of a converted model; {model!r} is not one")
     if text is not None:
-
-        documents = load_documents(text)
-        run = lambda m, label: text_perplexity(m, tokenizer, documents, max_length=context,  # noqa: E731
-                                               batch_size=batch_size, progress=label)
-        source = {"text": text, "documents": len(documents)}
+        run, source = _text_runner(text, tokenizer, context, options)
+    elif options.positions:
+        run, source = _positions_runner(data, split, tokenizer, context, options)
     else:
-
-        prepared = prepare_data(data, tokenizer, block_size=_block_size(data, context))
-        blocks = getattr(prepared, split)
-        if max_blocks is not None:
-            blocks = blocks[:max_blocks]
-        n_bytes = predicted_bytes(tokenizer, blocks, context)
-        run = lambda m, label: perplexity(m, blocks, context=context, batch_size=batch_size,  # noqa: E731
-                                          byte_count=n_bytes, progress=label)
-        source = {"data": data, "split": split, "blocks": int(blocks.shape[0]),
-                  "block_size": int(blocks.shape[1])}
+        run, source = _blocks_runner(data, split, tokenizer, context, options)
     result = {"model": model, **source, "context": context}
+    if teacher_model is not None:
+        log.info("evaluating the teacher %s", teacher_model)
+        result.update(teacher=run(load_model(teacher_model)[0], "teacher"), teacher_model=teacher_model)
+    elif options.teacher or student is None:
+        log.info("evaluating the original model")
+        result["teacher"] = run(load_teacher(), "teacher")
     if student is not None:
         log.info("evaluating the converted model")
         result["student"] = run(student, "student")
-    if teacher_model is not None:
+        result["ablations"] = _ablations(student, run, options.ablate)
+    return _finish(result, options, start)
 
-        log.info("evaluating the teacher %s", teacher_model)
-        result["teacher"] = run(load_model(teacher_model)[0], "teacher")
-        result["teacher_model"] = teacher_model
-    elif teacher or student is None:
-        log.info("evaluating the original model")
-        result["teacher"] = run(load_teacher(), "teacher")
-    if "student" in result and "teacher" in result:
+
+def _finish(result: dict, options: EvalOptions, start: float) -> dict:
+    """Ratios to the teacher, the plot, the time."""
+    positions = bool(result.get("positions"))
+    if "student" in result and "teacher" in result and not positions:
         result["ratio"] = result["student"]["ppl"] / result["teacher"]["ppl"]
+    for r in result.get("ablations", {}).values():  # the perplexity change the ablation makes (per bucket)
+        if positions:
+            r["bucket_ratios"] = [a["ppl"] / b["ppl"] for a, b in zip(r["buckets"], result["student"]["buckets"])]
+        else:
+            r["ratio_to_student"] = r["ppl"] / result["student"]["ppl"]
+    if options.plot and result.get("positions"):
+        curves = {n: result[n] for n in ("teacher", "student") if n in result}
+        curves.update({f"student, {part} off": r for part, r in result.get("ablations", {}).items()})
+        result["plot"] = str(plot_positions(curves, options.plot, title=f"loss by position: {result['data']}"))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -186,6 +267,6 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
         result["plot"] = str(plot_bench(result, plot))
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_json, result)
         result["json_file"] = str(out_json)
     return result

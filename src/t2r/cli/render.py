@@ -39,30 +39,58 @@ def render_pipeline(r: dict) -> str:
     return report_markdown(r) + f"\n(report: {r['out']}/report.md)"
 
 
+EVAL_LABELS = {"teacher": "original", "student": "converted"}
+
+
 def render_eval(r: dict) -> str:
     """The table `t2r eval` prints."""
-    rows = [name for name in ("teacher", "student") if name in r]
+    if r.get("positions"):
+        return _render_positions(r)
+    rows = {EVAL_LABELS[n]: r[n] for n in ("teacher", "student") if n in r}
+    rows.update({f"{part} off": a for part, a in r.get("ablations", {}).items()})
     where = (f"{r['text']} ({r['documents']} documents), lm-eval rolling windows of {r['context']} tokens"
              if "text" in r else
              f"{r['data']} {r['split']}: {r['blocks']} blocks of {r['block_size']}, windows of {r['context']} tokens")
-    label = {"teacher": "original", "student": "converted"}
     lines = [f"{r['model']} on {where}"]
     if "text" in r:
-        lines.append(f"{'':10} {'word ppl':>10} {'byte ppl':>9} {'bits/byte':>9} {'token ppl':>10} {'tokens':>8}")
-        for name in rows:
-            m = r[name]
-            lines.append(f"{label[name]:10} {m['word_perplexity']:10.3f} {m['byte_perplexity']:9.4f} "
+        lines.append(f"{'':14} {'word ppl':>10} {'byte ppl':>9} {'bits/byte':>9} {'token ppl':>10} {'tokens':>8}")
+        for label, m in rows.items():
+            lines.append(f"{label:14} {m['word_perplexity']:10.3f} {m['byte_perplexity']:9.4f} "
                          f"{m['bits_per_byte']:9.4f} {m['ppl']:10.3f} {m['tokens']:8d}")
     else:
-        lines.append(f"{'':10} {'perplexity':>10} {'nll':>7} {'bits/byte':>9} {'tokens':>8}")
-        for name in rows:
-            m = r[name]
+        lines.append(f"{'':14} {'perplexity':>10} {'nll':>7} {'bits/byte':>9} {'tokens':>8}")
+        for label, m in rows.items():
             bpb = f"{m['bits_per_byte']:9.4f}" if "bits_per_byte" in m else f"{'-':>9}"
-            lines.append(f"{label[name]:10} {m['ppl']:10.3f} {m['nll']:7.4f} {bpb} {m['tokens']:8d}")
+            lines.append(f"{label:14} {m['ppl']:10.3f} {m['nll']:7.4f} {bpb} {m['tokens']:8d}")
     if "ratio" in r:
         lines.append(f"converted / original perplexity: {r['ratio']:.3f}")
     lines.append(f"[{r['seconds']} s]")
     return "\n".join(lines)
+
+
+def _render_positions(r: dict) -> str:
+    """Loss by position: perplexity per position bucket, one row per model (and per ablation)."""
+    rows = {EVAL_LABELS[n]: r[n] for n in ("teacher", "student") if n in r}
+    rows.update({f"{part} off": a for part, a in r.get("ablations", {}).items()})
+    buckets = max((m["buckets"] for m in rows.values()), key=len)
+    names = [f"{_tokens(b['start'])}-{_tokens(b['end'])}" for b in buckets]
+    lines = [f"{r['model']} on {r['data']} {r['split']}: {r['documents']} documents of {r['context']} tokens, "
+             "perplexity by position", f"{'':14} " + " ".join(f"{n:>9}" for n in names)]
+    for label, m in rows.items():
+        cells = [f"{b['ppl']:9.2f}" for b in m["buckets"]] + [f"{'-':>9}"] * (len(names) - len(m["buckets"]))
+        note = f"  (stopped at {m['stopped_at']} tokens: KV cache cap)" if m.get("stopped_at") else ""
+        lines.append(f"{label:14} " + " ".join(cells) + note)
+    trained = r.get("teacher", r.get("student", {})).get("trained_context")
+    if trained and trained < r["context"]:
+        lines.append(f"positions past {trained} are beyond the model's trained context")
+    if r.get("plot"):
+        lines.append(f"plot: {r['plot']}")
+    lines.append(f"[{r['seconds']} s]")
+    return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def render_lm_eval(r: dict) -> str:
