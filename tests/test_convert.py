@@ -152,3 +152,16 @@ def test_reinitialize_draws_fresh_weights(family):
     converted = t2r.convert(model, feature_map="t2r", feature_dim=8)
     with pytest.raises(t2r.T2RError, match="before converting"):
         reinitialize(converted)
+
+
+def test_the_convert_settings_and_the_recipe_agree():
+    """`t2r convert`'s flags (and a pipeline recipe's `convert:`) are the Recipe's fields with the Recipe's defaults."""
+    from dataclasses import fields
+
+    from t2r.stages.recipes import ConvertSettings
+
+    recipe_fields = {f.name for f in fields(t2r.Recipe)}
+    assert recipe_fields <= set(ConvertSettings.model_fields)
+    assert ConvertSettings().recipe() == t2r.Recipe()
+    assert ConvertSettings(window=8, keep_softmax_layers="0,2").recipe() == t2r.Recipe(window=8,
+                                                                                       keep_softmax_layers=(0, 2))
