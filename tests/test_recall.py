@@ -5,6 +5,7 @@ line (a T2RError, exit code 2 from the command line)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -284,3 +285,16 @@ def test_lm_eval_task_needs_a_tokenizer():
     assert one_line(err)
     assert process_generation({"answer": " 12345"}, [" 12345."]) == {"acc": 1.0}
     assert process_generation({"answer": " 12345"}, [" 1234"]) == {"acc": 0.0}
+
+
+def test_recall_tasks_through_t2r_lm_eval(tiny_converted_dir, capsys):
+    """`t2r lm-eval DIR --tasks t2r_passkey,t2r_mqar`: the local tasks, with prompts sized by the model's tokenizer."""
+    pytest.importorskip("lm_eval")
+    from t2r.cli import main
+
+    argv = ["lm-eval", str(tiny_converted_dir), "--tasks", "t2r_passkey,t2r_mqar", "--limit", "2", "--context", "2048",
+            "--json"]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert set(results) == {"t2r_passkey", "t2r_mqar"}
+    assert all(0.0 <= r["acc"] <= 1.0 for r in results.values())
