@@ -39,10 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=1, help="documents per corpus")
     p.add_argument("--chunk", type=int, default=2048, help="tokens per forward, carrying the cache")
     p.add_argument("--ablate", default=",".join(PARTS), help="ablations for converted models ('' for none)")
+    p.add_argument("--ablate-data", default=None, help="corpora for the ablations (default: all of --data)")
     p.add_argument("--passkey-lengths", default="1k,2k,4k")
     p.add_argument("--depths", default="0,0.5,1")
     p.add_argument("--mqar-pairs", default="8,32")
     p.add_argument("--samples", type=int, default=4, help="samples per recall cell")
+    p.add_argument("--tasks", default="passkey,mqar", help="recall tasks to run ('' for none)")
     p.add_argument("--teacher-cache-gb", type=float, default=8.0, help="stop the original's reading past this KV")
     p.add_argument("--skip-original", action="store_true")
     p.add_argument("--out", default="docs/memory", help="folder for memory.json and the plots")
@@ -57,7 +59,8 @@ def measure(model, tokenizer, docs: dict, args, *, converted: bool, cache_cap: i
         start = time.perf_counter()
         row["positions"][corpus] = position_losses(model, ids, settings)
         log.info("%s: %.0f s", corpus, time.perf_counter() - start)
-        for part in [p for p in args.ablate.split(",") if p] if converted else []:
+        ablate = converted and corpus in (args.ablate_data or args.data).split(",")
+        for part in [p for p in args.ablate.split(",") if p] if ablate else []:
             try:
                 with ablated(model, part):
                     row["ablations"].setdefault(part, {})[corpus] = position_losses(model, ids, settings)
@@ -66,7 +69,7 @@ def measure(model, tokenizer, docs: dict, args, *, converted: bool, cache_cap: i
     recall = {"passkey": RecallSettings(task="passkey", lengths=parse_lengths(args.passkey_lengths),
                                         depths=parse_depths(args.depths), samples=args.samples),
               "mqar": RecallSettings(task="mqar", pairs=parse_pairs(args.mqar_pairs), samples=args.samples)}
-    for task, recall_settings in recall.items():
+    for task, recall_settings in [(t, recall[t]) for t in args.tasks.split(",") if t]:
         start = time.perf_counter()
         row[task] = run_recall(model, tokenizer, recall_settings)
         log.info("%s: %.0f s", task, time.perf_counter() - start)
@@ -86,8 +89,8 @@ def plots(results: dict, out: Path) -> None:
     original = models.get("original")
     for task in ("passkey", "mqar"):  # each converted model beside the original
         for name, r in models.items():
-            if name != "original":
-                pair = {"teacher": original[task], "student": r[task]} if original else r[task]
+            if name != "original" and task in r:
+                pair = {"teacher": original[task], "student": r[task]} if original and task in original else r[task]
                 plot_recall(pair, out / f"{task}_{name}.png")
 
 

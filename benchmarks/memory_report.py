@@ -53,18 +53,21 @@ def positions_table(merged: dict, corpus: str) -> list[str]:
 
 
 def recall_table(merged: dict) -> list[str]:
-    models = {n: r for n, r in merged["models"].items() if "passkey" in r}
+    models = {n: r for n, r in merged["models"].items() if "passkey" in r or "mqar" in r}
     if not models:
         return []
-    cells = [(c["length"], c["depth"]) for c in next(iter(models.values()))["passkey"]["cells"]]
+    with_cells = [r for r in models.values() if "passkey" in r]
+    cells = [(c["length"], c["depth"]) for c in with_cells[0]["passkey"]["cells"]] if with_cells else []
+    pairs = next(r["mqar"] for r in models.values() if "mqar" in r)["cells"]
     lines = ["| passkey accuracy (log-likelihood / generation) | " + " | ".join(f"{n} @ {d:g}" for n, d in cells)
-             + " | MQAR " + ", ".join(str(c["pairs"]) for c in next(iter(models.values()))["mqar"]["cells"])
-             + " pairs |", "|---|" + "---:|" * (len(cells) + 1)]
+             + " | MQAR " + ", ".join(str(c["pairs"]) for c in pairs) + " pairs (log-likelihood / generation) |",
+             "|---|" + "---:|" * (len(cells) + 1)]
     for name, r in models.items():
-        row = [f"{c['acc_ll']:.2f} / {c['acc_gen']:.2f}" for c in r["passkey"]["cells"]]
-        mqar = ", ".join(f"{c['acc_ll']:.2f}" for c in r["mqar"]["cells"])
+        row = ([f"{c['acc_ll']:.2f} / {c['acc_gen']:.2f}" for c in r["passkey"]["cells"]] if "passkey" in r
+               else ["-"] * len(cells))
+        mqar = ", ".join(f"{c['acc_ll']:.2f} / {c['acc_gen']:.2f}" for c in r["mqar"]["cells"]) if "mqar" in r else "-"
         lines.append(f"| {name} | " + " | ".join(row) + f" | {mqar} |")
-    chance = next(iter(models.values()))["passkey"]["chance"]
+    chance = next(r for r in models.values() if "mqar" in r)["mqar"]["chance"]
     return lines + ["", f"Chance: {chance:.2f} (the right answer among {round(1 / chance)} candidates)."]
 
 
