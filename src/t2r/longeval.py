@@ -66,7 +66,7 @@ def document_nll(model, ids: torch.Tensor, settings: PositionSettings = Position
             nll[:, start - 1] = -carry.gather(-1, piece[:, :1]).squeeze(-1).double().cpu()
         inner = -logprobs[:, :-1].gather(-1, piece[:, 1:, None]).squeeze(-1)  # (B, c-1)
         nll[:, start:start + inner.shape[1]] = inner.double().cpu()
-        carry = logprobs[:, -1]  # (B, V)
+        carry = logprobs[:, -1].clone()  # (B, V); a copy, so the chunk's [B, c, V] log-probabilities can go
     return nll
 
 
