@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="austen,kjv,pydocs", help="held-out corpora, comma-separated")
     p.add_argument("--length", type=int, default=16384, help="tokens per long document (<= 16384)")
     p.add_argument("--docs", type=int, default=1, help="documents per corpus")
-    p.add_argument("--chunk", type=int, default=2048, help="tokens per forward, carrying the cache")
+    p.add_argument("--chunk", type=int, default=512, help="tokens per forward, carrying the cache")
     p.add_argument("--ablate", default=",".join(PARTS), help="ablations for converted models ('' for none)")
     p.add_argument("--ablate-data", default=None, help="corpora for the ablations (default: all of --data)")
     p.add_argument("--passkey-lengths", default="1k,2k,4k")

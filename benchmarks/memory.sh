@@ -33,7 +33,7 @@ measure() {  # windows or softmax layers: three corpora; the pure recurrent ones
 run() {
   local spec=$1; shift
   wait_for "${spec#*=}"
-  python benchmarks/memory.py --model "$spec" "$@" --length 16384 --docs 1 --passkey-lengths 1k,2k,4k \
+  python benchmarks/memory.py --model "$spec" "$@" --length 16384 --docs 1 --chunk 2048 --passkey-lengths 1k,2k,4k \
     --depths 0,0.5,1 --samples 4 --mqar-pairs 8,32 --out "runs/memory/${spec%%=*}"
 }
 "$@"

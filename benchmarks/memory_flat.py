@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="directory of a converted model")
     p.add_argument("--lengths", default="2k,4k,8k,16k")
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--which", default="converted,original")
     p.add_argument("--json", dest="out", default=None)
     args = p.parse_args(argv)

@@ -34,7 +34,7 @@ class PositionSettings:
     """How to read long documents: `chunk` tokens per forward (carrying the cache), bucket edges (positions),
     a cap on the KV cache of softmax models (None: no cap), a progress-bar label (None: no bar)."""
 
-    chunk: int = 2048
+    chunk: int = 512
     edges: tuple[int, ...] = BUCKET_EDGES
     max_cache_bytes: int | None = None
     progress: str | None = None
@@ -158,8 +158,9 @@ def plot_positions(results: dict, path: str | Path, title: str = "") -> Path:
         middles = [(b["start"] + min(b["end"], result["length"])) / 2 for b in buckets]
         axes.plot(middles, [b["ppl"] for b in buckets], marker="o", label=name)
     axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
     axes.set_xlabel("position in the document (tokens; bucket middles)")
-    axes.set_ylabel("perplexity of the tokens in the bucket")
+    axes.set_ylabel("perplexity of the tokens in the bucket (log)")
     axes.set_title(title or "loss by position")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

@@ -52,7 +52,8 @@ class EvalOptions(Settings):
     positions: bool = Field(False, description="loss by position: whole held-out documents of --context tokens, "
                                                "each read in chunks that carry the model's state, averaged in "
                                                "position buckets (0-64, 64-256, 256-1k, 1k-4k, 4k-8k, 8k-16k).")
-    chunk: int = Field(2048, gt=0, description="with --positions: tokens per forward pass.")
+    chunk: int = Field(512, gt=0, description="with --positions: tokens per forward pass (the working memory grows with "
+                                               "it, the state does not).")
     ablate: str = Field("", description="also evaluate the converted model with a part switched off, comma-"
                                         f"separated: {', '.join(PARTS)} (window only, linear only, kept softmax "
                                         "layers made linear).")
