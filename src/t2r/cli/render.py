@@ -73,7 +73,7 @@ def _render_positions(r: dict) -> str:
     rows = {EVAL_LABELS[n]: r[n] for n in ("teacher", "student") if n in r}
     rows.update({f"{part} off": a for part, a in r.get("ablations", {}).items()})
     buckets = max((m["buckets"] for m in rows.values()), key=len)
-    names = [f"{_tokens(b['start'])}-{_tokens(b['end'])}" for b in buckets]
+    names = [f"{_tokens(b['start'])}-{_tokens(min(b['end'], r['context']))}" for b in buckets]
     lines = [f"{r['model']} on {r['data']} {r['split']}: {r['documents']} documents of {r['context']} tokens, "
              "perplexity by position", f"{'':14} " + " ".join(f"{n:>9}" for n in names)]
     for label, m in rows.items():
