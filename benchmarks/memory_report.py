@@ -21,7 +21,12 @@ def merge(folder: Path) -> dict:
         run = json.loads(path.read_text())
         merged["args"][path.parent.name] = run["args"]
         merged["data"] = merged["data"] or run["data"]
-        merged["models"].update(run["models"])
+        for name, model in run["models"].items():  # a later run of the same model adds corpora and ablations
+            into = merged["models"].setdefault(name, model)
+            if into is not model:
+                into.setdefault("positions", {}).update(model.get("positions", {}))
+                for part, by_corpus in model.get("ablations", {}).items():
+                    into.setdefault("ablations", {}).setdefault(part, {}).update(by_corpus)
     if "original" in merged["models"]:  # the original first
         merged["models"] = {"original": merged["models"].pop("original"), **merged["models"]}
     return merged

@@ -12,7 +12,8 @@ from .convert import convert, keep_softmax
 from .decode import decode
 from .errors import T2RError
 from .feature_maps import FEATURE_MAPS, build_feature_map
-from .generate import generate, new_cache
+from .generate import Sampling, generate, new_cache
+from .mixers import MIXERS
 from .persistence import load, save
 from .recipe import Recipe
 from .verify import verify
@@ -20,6 +21,7 @@ from .verify import verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "FEATURE_MAPS", "RecurrentCache", "Recipe", "T2RError", "build_feature_map", "cache_bytes", "convert", "decode",
-    "generate", "keep_softmax", "load", "new_cache", "ops", "save", "supported_model_types", "verify",
+    "FEATURE_MAPS", "MIXERS", "RecurrentCache", "Recipe", "Sampling", "T2RError", "build_feature_map", "cache_bytes",
+    "convert", "decode", "generate", "keep_softmax", "load", "new_cache", "ops", "save", "supported_model_types",
+    "verify",
 ]
