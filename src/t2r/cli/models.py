@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..adapters import original_model
+from ..adapters import is_converted, original_model
 from ..attention import is_conversion_parameter
 from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
@@ -55,11 +55,24 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _load_converted(path: str):
+def load_converted(path: str, *, need_tokenizer: bool = True):
+    """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops."""
     log.info("loading %s", path)
-    model = load(path)
-    tokenizer = load_tokenizer(path)
+    model, tokenizer = load(path), load_tokenizer(path)
+    if tokenizer is None and need_tokenizer:
+        raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
+
+
+def load_any(model: str):
+    """(model, tokenizer): a converted directory with `t2r.load`, anything else (GGUF file, HF directory, hub id)
+    through `t2r.sources`; a tokenizer is required."""
+    if Path(model).is_dir() and is_t2r_dir(Path(model)):
+        return load_converted(model)
+    loaded, tokenizer, _ = load_model(model)
+    if tokenizer is None:
+        raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
+    return loaded, tokenizer
 
 
 def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, sample: bool = False,
@@ -81,9 +94,7 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    hf_model, tokenizer = _load_converted(model)
-    if tokenizer is None:
-        raise T2RError(f"{model!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
+    hf_model, tokenizer = load_converted(model)
     result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
     return {"prompt": prompt, "text": result.texts[0], "new_tokens": result.new_tokens,
             "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
@@ -99,7 +110,7 @@ def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json:
         prefill: tokens processed in one chunked call before token-by-token decoding.
         as_json: print the report as JSON.
     """
-    hf_model, _ = _load_converted(model)
+    hf_model, _ = load_converted(model, need_tokenizer=False)
     report = verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
     return report
@@ -109,11 +120,7 @@ def load_with_teacher(model: str):
     """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
     its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
     alone (`eval`, `recall`)."""
-    if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        student, tokenizer = _load_converted(model)
-        if tokenizer is None:
-            raise T2RError(f"{model!r} has no tokenizer files beside the model: save it with t2r.save(model, dir, "
-                           "tokenizer) or convert it again")
-        return student, lambda: original_model(student), tokenizer
-    teacher, tokenizer, _ = load_model(model)
-    return None, lambda: teacher, tokenizer
+    loaded, tokenizer = load_any(model)
+    if is_converted(loaded):
+        return loaded, lambda: original_model(loaded), tokenizer
+    return None, lambda: loaded, tokenizer

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from ..data import prepare_data, tokenizer_of
 from ..errors import T2RError
-from ..persistence import load, load_tokenizer
 from ..stages.distill import attention_transfer, load_training_data
-from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model, load_student
+from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
 from ..stages.pipeline import run_pipeline
 from ..stages.recipes import read_recipe
 from ..train import DistillSettings, FinetuneSettings, check_run_dir
+from .models import load_any, load_converted
 
 log = logging.getLogger("t2r")
 
@@ -53,10 +53,7 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
     """
     config = options.train_config(progress)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
-    student = load(model)
-    tokenizer = load_tokenizer(model)
-    if tokenizer is None:
-        raise T2RError(f"{model!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
+    student, tokenizer = load_converted(model)
     blocks = load_training_data(data, tokenizer, block_size)
     started = time.perf_counter()
     summary = attention_transfer(student, blocks, out, config, tokenizer=tokenizer, attn_ce=options.attn_ce,
@@ -88,10 +85,10 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
         raise T2RError("--teacher is used only for distillation: add --kd WEIGHT (e.g. --kd 1)")
     config = options.train_config(progress)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
-    student, tokenizer = load_student(model)
+    student, tokenizer = load_any(model)
     teacher_model = None
     if teacher is not None:
-        teacher_model, teacher_tokenizer = load_student(teacher)
+        teacher_model, teacher_tokenizer = load_any(teacher)
         check_same_tokenizer(tokenizer, teacher_tokenizer, teacher)
     blocks = load_training_data(data, tokenizer, block_size)
     started = time.perf_counter()

@@ -25,8 +25,7 @@ from ..adapters import is_converted, original_model
 from ..errors import T2RError
 from ..evaluate import perplexity
 from ..lora import apply_lora
-from ..persistence import is_t2r_dir, load, load_tokenizer, save
-from ..sources import load_model
+from ..persistence import save
 from ..train import FinetuneSettings, Task, TrainConfig, seeded, train
 from ..transfer import follow_device
 
@@ -145,15 +144,3 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
                         merge_lora=bool(lora))
     settings = {"stage": "finetune", "lora": lora, "lora_modules": lora_modules, "kd": kd, **(settings or {})}
     return train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite, on_step=on_step)
-
-
-def load_student(model: str):
-    """(model, tokenizer): a converted directory with `t2r.load`, anything else through `t2r.sources`."""
-
-    if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        student, tokenizer = load(model), load_tokenizer(model)
-    else:
-        student, tokenizer, _ = load_model(model)
-    if tokenizer is None:
-        raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
-    return student, tokenizer
