@@ -311,7 +311,6 @@ def prepare_data(
 
 def tokenizer_of(model: str | None):
     """The tokenizer of ``model`` (see :func:`t2r.sources.resolve`; None is the default model)."""
-
     source = sources.resolve(model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:

@@ -93,7 +93,6 @@ def perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch
 
 def eval_cache_dir() -> Path:
     """Where evaluation results are kept: the `evals` folder of t2r's cache ($T2R_CACHE, else ~/.cache/t2r/corpora)."""
-
     return cache_root(None) / "evals"
 
 

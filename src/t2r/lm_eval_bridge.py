@@ -104,7 +104,6 @@ def _is_converted(model: str) -> bool:
 
 def make_lm(model: str, original: bool, context: int, batch_size: int, device: str):
     """(lm-eval model name or LM object, model_args, tokenizer, which) for `simple_evaluate`."""
-
     args = {"max_length": context, "dtype": "float32", "backend": "causal"}  # device: simple_evaluate's own
     if not original and Path(model).is_dir():  # the ordinary path: lm-eval loads the directory itself
         tokenizer = load_tokenizer(model)

@@ -105,7 +105,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved beside a model, or None if there is none."""
-
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError):

@@ -71,7 +71,6 @@ def _hub_offline() -> bool:
 
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, ModelSource) for a causal LM. GGUF weights are dequantized into a normal model."""
-
     source = resolve(spec)
     kwargs = {"dtype": dtype}
     if source.gguf_file:
@@ -83,7 +82,6 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, KeyError) as err:
         raise ModelSourceError(_explain(source, err)) from err
     if source.gguf_file:
-
         drop_dequantized_quantizer(model)
     model.eval()
     return model, tokenizer, source

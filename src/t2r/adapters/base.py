@@ -188,7 +188,6 @@ def drop_dequantized_quantizer(model: nn.Module) -> nn.Module:
         return model
     packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
     if packed:
-
         raise ModelSourceError(
             f"the GGUF weights stayed packed ({packed[0]}, ...): load them dequantized, "
             "e.g. uninstall the `kernels` package so transformers dequantizes GGUF on load")

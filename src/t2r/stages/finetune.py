@@ -92,7 +92,6 @@ class FinetuneTask(Task):
 
 def default_teacher(student: nn.Module) -> nn.Module:
     """The original softmax model of a converted student (its starting weights); a frozen copy of a plain one."""
-
     return frozen(original_model(student) if is_converted(student) else copy.deepcopy(student))
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import functools
 import random
 
-from transformers import AutoTokenizer
-
+from t2r.data import tokenizer_of
 from t2r.errors import T2RError
 from t2r.recall import RECALL_TASKS, RecallSettings, parse_depths, parse_lengths, parse_pairs
 
@@ -21,12 +20,7 @@ PARSERS = {"lengths": parse_lengths, "depths": parse_depths, "pairs": parse_pair
 NUMBERS = ("samples", "seed", "distractors", "queries")
 
 
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(name: str):
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise T2RError(f"cannot load the tokenizer {name!r} to size the recall prompts ({err})") from err
+_load_tokenizer = functools.lru_cache(maxsize=4)(tokenizer_of)  # a directory, a GGUF file or a hub id
 
 
 def task_tokenizer(task: str, tokenizer=None, pretrained=None):
