@@ -119,15 +119,14 @@ def test_ablations_that_do_not_apply_are_refused():
             pass
 
 
-def test_compare_positions_side_by_side_and_plot(tmp_path):
+def test_models_side_by_side_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from t2r.longeval import compare_positions, plot_positions
+    from t2r.longeval import plot_positions
 
     student = t2r.convert(tiny_model("llama"), feature_map="hedgehog", feature_dim=8, window=7)
-    calls = []
-    results = compare_positions({"teacher": lambda: calls.append(1) or original_model(student), "student": student},
-                                IDS, PositionSettings(chunk=64, edges=(0, 16, 64, 256)))
-    assert calls == [1] and list(results) == ["teacher", "student"]
+    settings = PositionSettings(chunk=64, edges=(0, 16, 64, 256))
+    results = {name: position_losses(m, IDS, settings) for name, m in (("teacher", original_model(student)),
+                                                                        ("student", student))}
     assert all(r["trained_context"] == 512 and len(r["buckets"]) == 3 for r in results.values())
     path = plot_positions(results, tmp_path / "pos.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ the cache has grown past that size (checked before each chunk), and the result s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,8 +91,9 @@ def bucket_losses(nll: torch.Tensor, edges: tuple[int, ...] = BUCKET_EDGES) -> l
 
 def position_losses(model, docs: torch.Tensor, settings: PositionSettings = PositionSettings()) -> dict:
     """Loss by position of `model` over long documents `docs` ([N, L] token ids), one document per forward pass
-    chain. Returns {"buckets", "nll", "tokens", "length", "documents", "chunk", "stopped_at"}: `stopped_at` is the
-    number of tokens read when the cache cap stopped the reading (None: read to the end)."""
+    chain. Returns {"buckets", "nll", "tokens", "length", "documents", "chunk", "stopped_at", "trained_context"}:
+    `stopped_at` is the number of tokens read when the cache cap stopped the reading (None: read to the end), and
+    `trained_context` the context the model was trained on (`trained_context`)."""
     if docs.dim() != 2 or docs.shape[1] < 2:
         raise T2RError(f"documents must be [N, L] token ids with L >= 2, got {tuple(docs.shape)}")
     check_length(model, docs.shape[1])
@@ -106,7 +107,7 @@ def position_losses(model, docs: torch.Tensor, settings: PositionSettings = Posi
     total = float(nll[seen].sum())
     return {"buckets": bucket_losses(nll, settings.edges), "nll": total / max(1, int(seen.sum())),
             "tokens": int(seen.sum()), "length": int(docs.shape[1]), "documents": int(docs.shape[0]),
-            "chunk": settings.chunk, "stopped_at": stopped}
+            "chunk": settings.chunk, "stopped_at": stopped, "trained_context": trained_context(model)}
 
 
 def trained_context(model) -> int | None:
@@ -135,19 +136,8 @@ def long_documents(source: str, tokenizer, length: int, max_documents: int | Non
     return docs if max_documents is None else docs[:max_documents]
 
 
-def compare_positions(models: dict, docs: torch.Tensor, settings: PositionSettings = PositionSettings()) -> dict:
-    """Loss by position of several models (name -> model, or name -> a function that returns the model, called when
-    its turn comes) on the same documents; each result also says the model's trained context."""
-    out = {}
-    for name, model in models.items():
-        model = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
-        labelled = replace(settings, progress=None if settings.progress is None else f"{settings.progress} {name}")
-        out[name] = {**position_losses(model, docs, labelled), "trained_context": trained_context(model)}
-    return out
-
-
 def plot_positions(results: dict, path: str | Path, title: str = "") -> Path:
-    """Per-bucket perplexity against position (log scale), one line per model: what `compare_positions` returns."""
+    """Per-bucket perplexity against position (log scale), one line per model: name -> a `position_losses` result."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -25,7 +25,7 @@ from ..lm_eval_bridge import (
     require_lm_eval,
     task_metrics,
 )
-from ..longeval import PositionSettings, plot_positions, position_losses, trained_context
+from ..longeval import PositionSettings, plot_positions, position_losses
 from ..persistence import load
 from ..settings import Settings
 from ..sources import load_model
@@ -96,8 +96,7 @@ def _blocks_runner(data: str, split: str, tokenizer, context: int, options: Eval
 def _positions_runner(data: str, split: str, tokenizer, context: int, options: EvalOptions):
     docs = getattr(prepare_data(data, tokenizer, block_size=context), split)[:options.max_blocks]  # (N, context)
     settings = PositionSettings(chunk=options.chunk, max_cache_bytes=_kv_budget())
-    run = lambda m, label: {**position_losses(m, docs, replace(settings, progress=label)),  # noqa: E731
-                            "trained_context": trained_context(m)}
+    run = lambda m, label: position_losses(m, docs, replace(settings, progress=label))  # noqa: E731
     return run, {"data": data, "split": split, "documents": int(docs.shape[0]), "positions": True,
                  "kv_cache_cap_bytes": settings.max_cache_bytes}
 
