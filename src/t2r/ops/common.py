@@ -32,6 +32,30 @@ class WindowState(NamedTuple):
     valid: torch.Tensor  # [B, window] bool
 
 
+class DeltaState(NamedTuple):
+    """Recurrent state of the (gated) delta rule (float32): the fast-weight memory S_t, read as o_t = S_t^T q_t.
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; unpacks as ``(S,) = state``.
+    """
+
+    S: torch.Tensor  # [B, H, F, D]
+
+
+class DeltaWindowState(NamedTuple):
+    """State of the sliding-window + delta-rule hybrid after the token at position L.
+
+    S is the delta memory holding the keys j <= L - window; the buffers hold the tokens j in (L - window, L],
+    oldest first, left-padded with ``valid=False`` (and beta 0) at the start of a stream.
+    """
+
+    S: torch.Tensor  # [B, H, F, D] float32
+    k: torch.Tensor  # [B, H, window, Dk]
+    v: torch.Tensor  # [B, H, window, D]
+    phi_k: torch.Tensor  # [B, H, window, F] float32
+    beta: torch.Tensor  # [B, H, window] float32
+    valid: torch.Tensor  # [B, window] bool
+
+
 def acc(x: torch.Tensor) -> torch.Tensor:
     """x in the accumulation dtype: float32, or float64 when x already is (half types are upcast)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
