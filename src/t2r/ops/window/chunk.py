@@ -5,7 +5,9 @@ Query t attends with weights f_h exp(s_tj - m_t) to the valid keys t - window < 
 
 Chunk form: prefix the new tokens with the `window` buffered ones (an all-invalid buffer at the start
 of a stream). The linear part is then causal linear attention whose key/value stream is the first T
-entries of that concatenation (keys delayed by `window`), started from (S, z); the softmax part is a
+entries of that concatenation (keys delayed by `window`), started from (S, z); when gated, it is gated linear
+attention on that delayed stream with the undelayed decays (key j enters the state at step j + window, and the state
+decays by exp(g_t) at every step t). The softmax part is a
 band: query block n reads a slab of chunk_size + window - 1 keys, cut with `unfold`. Nothing T x T.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..common import WindowState, window_weights
+from ..gla import gated_linear_attention_terms
 from ..linear import linear_attention_terms
 from ..linear.chunk import pad_time
 
@@ -44,17 +47,18 @@ def _band_softmax_terms(q, kc, vc, validc, window: int, scale: float, chunk_size
     return num, den
 
 
-def sliding_window_chunk_terms(q, k, v, phi_q, phi_k, window, f, scale, valid, state, chunk_size):
-    """Chunked form; inputs as in reference.sliding_window_quadratic_terms, state a full WindowState."""
+def sliding_window_chunk_terms(q, k, v, phi_q, phi_k, window, f, scale, valid, state, chunk_size, g=None):
+    """Chunked form; inputs as in naive.sliding_window_quadratic_terms, state a full WindowState."""
     T = q.shape[1]
     kc = torch.cat([state.k.transpose(1, 2), k], 1)  # [B, W+T, H, Dk]
     vc = torch.cat([state.v.transpose(1, 2), v], 1)  # [B, W+T, H, D]
     pkc = torch.cat([state.phi_k.transpose(1, 2), phi_k], 1)  # [B, W+T, H, F]
     validc = torch.cat([state.valid, valid], 1)  # [B, W+T]
-    num_l, den_l, lin = linear_attention_terms(
-        phi_q, pkc[:, :T], vc[:, :T], mode="chunk", chunk_size=chunk_size,
-        initial_state=(state.S, state.z), output_final_state=True,
-    )  # [B, T, H, D], [B, T, H]
+    lin_kw = {"mode": "chunk", "chunk_size": chunk_size, "initial_state": (state.S, state.z), "output_final_state": True}
+    if g is None:  # keys and values delayed by `window`: num_l [B, T, H, D], den_l [B, T, H]
+        num_l, den_l, lin = linear_attention_terms(phi_q, pkc[:, :T], vc[:, :T], **lin_kw)
+    else:  # the decays are not delayed: the state decays at every step
+        num_l, den_l, lin = gated_linear_attention_terms(phi_q, pkc[:, :T], vc[:, :T], g, **lin_kw)
     num_w, den_w = _band_softmax_terms(q, kc, vc, validc, window, scale, chunk_size)
     num = f[:, None] * num_w + (1 - f)[:, None] * num_l  # [B, T, H, D]
     den = f * den_w + (1 - f) * den_l  # [B, T, H]

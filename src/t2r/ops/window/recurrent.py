@@ -14,17 +14,20 @@ def _push(buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([buffer[:, 1:], x.unsqueeze(1)], 1)
 
 
-def sliding_window_recurrent_terms(q, k, v, phi_q, phi_k, window, f, scale, valid, state):
+def sliding_window_recurrent_terms(q, k, v, phi_q, phi_k, window, f, scale, valid, state, g=None):
     """Sliding softmax window + linear attention, one token at a time.
 
-    Each step first moves the oldest buffered token (position t - window) into (S, z), then pushes
-    token t into the buffers and reads out. Inputs as in reference.sliding_window_quadratic_terms;
+    Each step first decays (S, z) by exp(g_t) when gated, moves the oldest buffered token (position t - window)
+    into (S, z), then pushes token t into the buffers and reads out. Inputs as in naive.sliding_window_quadratic_terms;
     state: a full WindowState (buffers of length `window`, float32).
     """
     S, z, kb, vb, pb, ok = state
     fh = f[:, None]  # [H, 1]
+    decay = None if g is None else g.exp()  # [B, T, H, F]
     nums, dens = [], []
     for t in range(q.shape[1]):
+        if decay is not None:
+            S, z = decay[:, t].unsqueeze(-1) * S, decay[:, t] * z  # [B, H, F, D], [B, H, F]
         S = torch.addcmul(S, pb[:, :, 0].unsqueeze(-1), vb[:, :, 0].unsqueeze(-2))  # [B, H, F, D]
         z = z + pb[:, :, 0]  # [B, H, F]
         kb, vb, pb = _push(kb, k[:, t]), _push(vb, v[:, t]), _push(pb, phi_k[:, t])  # [B, H, W, *]
