@@ -141,7 +141,7 @@ def test_softmax_reference_equals_the_unconverted_attention(variant):
             q, k, v = linear.qkv(hidden, positions)
             reference = adapter.softmax_reference(linear, q, k, v)  # (B, T, H, D)
             torch.testing.assert_close(linear.output(reference), expected, rtol=1e-5, atol=1e-5)
-            softmax_rows, _ = attention_rows(linear, q, k, adapter)  # the quadratic twin of the same weights
+            softmax_rows, _ = attention_rows(linear, q, k, v, adapter)  # the quadratic twin of the same weights
             groups = q.shape[2] // v.shape[2]
             v_heads = v.repeat_interleave(groups, dim=2).transpose(1, 2)  # (B, H, T, D)
             torch.testing.assert_close((softmax_rows @ v_heads).transpose(1, 2), reference, rtol=1e-4, atol=1e-5)

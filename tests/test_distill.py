@@ -61,7 +61,7 @@ def test_linear_rows_are_the_quadratic_twin_of_attend(tokenizer, window):
     with torch.no_grad():
         hidden, positions = transfer.capture(blocks().heldout)[1]
         q, k, v = attn.qkv(hidden, positions)
-        softmax_rows, rows = attention_rows(attn, q, k)
+        softmax_rows, rows = attention_rows(attn, q, k, v)
         o = torch.einsum("bhts,bshd->bthd", rows, repeat_heads(v, attn.num_heads // attn.num_kv_heads))
         torch.testing.assert_close(o, attn.attend(q, k, v), rtol=1e-5, atol=1e-5)
         o_soft = torch.einsum("bhts,bshd->bthd", softmax_rows, repeat_heads(v, attn.num_heads // attn.num_kv_heads))

@@ -114,7 +114,7 @@ def test_ablations_that_do_not_apply_are_refused():
     with pytest.raises(T2RError, match="no softmax layers"):
         with ablated(pure, "softmax-layers"):
             pass
-    with pytest.raises(T2RError, match="unknown ablation 'mlp'; choose one of: linear, window, softmax-layers"):
+    with pytest.raises(T2RError, match="unknown ablation 'mlp'; choose one of: linear, window, gate, softmax-layers"):
         with ablated(pure, "mlp"):
             pass
 

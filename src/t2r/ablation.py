@@ -1,8 +1,10 @@
 """Evaluation-time ablations: switch one part of a converted model off, without retraining, to see what carries it.
 
-    with ablated(model, "linear"):          # window only: the linear part of every window mixer gets weight 0
+    with ablated(model, "linear"):          # window only: the recurrent part of every windowed mixer gets weight 0
         ...                                 # (each layer is then exactly sliding-window softmax attention)
-    with ablated(model, "window"):          # linear only: every window mixer becomes plain linear attention
+    with ablated(model, "window"):          # recurrence only: every windowed mixer loses its softmax window
+    with ablated(model, "gate"):            # no forgetting: every gated mixer's decays set to 1 (gla -> linear,
+        ...                                 # gated_delta -> delta)
     with ablated(model, "softmax-layers"):  # the layers kept softmax become linear attention too (feature maps
         ...                                 # freshly initialised: nothing trained them)
 
@@ -21,7 +23,7 @@ from .errors import T2RError
 from .recipe import Recipe
 from .rng import seeded
 
-PARTS = ("linear", "window", "softmax-layers")
+PARTS = ("linear", "window", "gate", "softmax-layers")
 
 
 @contextmanager

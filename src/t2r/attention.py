@@ -56,7 +56,8 @@ class LinearAttention(nn.Module):
         if recipe.tie_qk is not None:
             options["tie_qk"] = recipe.tie_qk
         self.feature_map = build_feature_map(recipe.feature_map, num_heads, head_dim, recipe.feature_dim, **options)
-        self.mixer = build_mixer(recipe, num_heads=num_heads, scale=scale)
+        self.mixer = build_mixer(recipe, num_heads=num_heads, scale=scale, head_dim=head_dim,
+                                 feature_dim=self.feature_map.out_dim)
 
     def qkv(self, hidden_states: torch.Tensor, position_embeddings=None):
         """The pretrained projections with the model's positions: q [B, T, H, D], k, v [B, T, Hkv, D]."""

@@ -18,11 +18,11 @@ class Recipe:
 
     feature_map: registered feature map name (see `t2r.feature_maps.FEATURE_MAPS`).
     feature_dim: the map's feature size (None: the map's own default).
-    mixer: registered mixer name (see `t2r.mixers.MIXERS`): how feature-mapped queries and keys become the output,
-        e.g. "linear" (plain causal linear attention) or "window" (sliding softmax window + linear attention).
-        None: "window" if `window` else "linear".
-    window: softmax window of the most recent `window` tokens beside the linear part (0: pure linear attention);
-        the "window" mixer's size.
+    mixer: registered mixer name (see `t2r.mixers.MIXERS`): the recurrence, e.g. "linear" (plain causal linear
+        attention), "window" (sliding softmax window + linear attention), "gla" (gated linear attention), "delta" or
+        "gated_delta" (the delta rule). None: "window" if `window` else "linear".
+    window: softmax window of the most recent `window` tokens beside the recurrent part (0: none); the "window"
+        mixer needs one, "gla", "delta" and "gated_delta" take one optionally.
     keep_softmax_layers: layer indices that keep their original softmax attention.
     tie_qk: share one feature map between queries and keys (None: the map's own default).
     chunk_size: chunk length of the chunked parallel form used for training and prefill.

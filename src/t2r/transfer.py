@@ -48,18 +48,22 @@ def follow_device(module: nn.Module, device: torch.device) -> None:
         module.to(device)
 
 
-def attention_rows(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor,
+def attention_rows(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    adapter: Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax rows, linear attention rows) [B, H, T, T] of one layer on q [B, T, H, D], k [B, T, Hkv, D]: the
+    """(softmax rows, linear attention rows) [B, H, T, T] of one layer on q [B, T, H, D], k, v [B, T, Hkv, D]: the
     layer's softmax attention weights (causal, within its window if it slides), and the weights its mixer gives the
-    same keys, normalised to sum to 1. `rows @ v` is `attend`'s output (its quadratic twin)."""
+    same keys, normalised to sum to 1. `rows @ v` is `attend`'s output (its quadratic twin). Only for mixers with a
+    normaliser (`Mixer.normalised`): the delta rule's weights are signed and do not form rows."""
+    if not attn.mixer.normalised:
+        raise T2RError(f"the {attn.mixer.name} mixer has no attention rows (its weights are signed, without a "
+                       "normaliser): train it with the output loss alone (attn_ce 0)")
     T, H = q.shape[1], q.shape[2]
-    k = repeat_heads(k, H // k.shape[2])  # (B, T, H, D)
+    k, v = repeat_heads(k, H // k.shape[2]), repeat_heads(v, H // v.shape[2])  # (B, T, H, D)
     scores = attn.scale * torch.einsum("bthd,bshd->bhts", q.float(), k.float())  # (B, H, T, T)
     visible = (adapter or adapter_for_module(attn)).visible_keys(attn, T, q.device)  # (T, T)
     softmax_rows = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # (B, H, T, T)
     phi_q, phi_k = attn.feature_map(q, k)  # (B, T, H, F)
-    weights = attn.mixer.weights(scores, phi_q, phi_k)  # (B, H, T, T)
+    weights = attn.mixer.weights(scores, phi_q, phi_k, v=v)  # (B, H, T, T)
     return softmax_rows, weights / (weights.sum(-1, keepdim=True) + attn.recipe.eps)  # (B, H, T, T) x 2
 
 
@@ -68,10 +72,10 @@ def adapter_for_module(attn: LinearAttention) -> Adapter:
     return ADAPTERS.get(base_model_type(attn.config))()
 
 
-def attention_rows_ce(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor,
+def attention_rows_ce(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       adapter: Adapter | None = None) -> torch.Tensor:
     """Hedgehog's loss: cross-entropy of the linear attention's rows under the softmax rows, mean over queries."""
-    target, rows = attention_rows(attn, q, k, adapter)
+    target, rows = attention_rows(attn, q, k, v, adapter)
     return -(target * torch.log(rows.clamp_min(1e-12))).sum(-1).mean()
 
 
@@ -136,7 +140,7 @@ class AttentionTransfer(nn.Module):
             pred = attn.attend(q, k, v, mode="chunk").float()  # (B, T, H, D)
             mses.append((pred - target).pow(2).mean() / target.var().clamp_min(1e-8))
             if self.attn_ce:
-                ces.append(attention_rows_ce(attn, q, k, self.adapter))
+                ces.append(attention_rows_ce(attn, q, k, v, self.adapter))
         mse = torch.stack(mses).mean()
         ce = torch.stack(ces).mean() if ces else mse.new_zeros(())
         errors = torch.zeros(self.num_layers, device=mse.device)

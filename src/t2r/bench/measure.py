@@ -54,8 +54,8 @@ def rss_bytes() -> int | None:
 def machine_info(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:
         pass

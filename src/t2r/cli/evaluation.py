@@ -55,8 +55,8 @@ class EvalOptions(Settings):
     chunk: int = Field(512, gt=0, description="with --positions: tokens per forward pass (the working memory grows with "
                                                "it, the state does not).")
     ablate: str = Field("", description="also evaluate the converted model with a part switched off, comma-"
-                                        f"separated: {', '.join(PARTS)} (window only, linear only, kept softmax "
-                                        "layers made linear).")
+                                        f"separated: {', '.join(PARTS)} (window only, recurrence only, decays set "
+                                        "to 1, kept softmax layers made linear).")
     plot: str | None = Field(None, description="with --positions: write the loss-by-position plot (PNG) here.")
 
     @field_validator("ablate")

@@ -87,9 +87,11 @@ class ConvertSettings(Settings):
     eps: float = Field(1e-6, description="denominator guard of the linear attention normaliser.")
     feature_map_options: Options = Field("", description="extra options of the feature map, as YAML, e.g. "
                                                          "'{seed: 1}'.")
-    mixer: str | None = Field(None, description="how the parts of an attention layer combine: linear or window "
-                                                "(default: window if --window > 0, else linear).")
-    mixer_options: Options = Field("", description="extra options of the mixer, as YAML.")
+    mixer: str | None = Field(None, description="the recurrence: linear, window (linear + softmax window), gla "
+                                                "(gated), delta or gated_delta (default: window if --window > 0, "
+                                                "else linear); gla, delta and gated_delta take a --window too.")
+    mixer_options: Options = Field("", description="extra options of the mixer, as YAML, e.g. '{decay_init: 0.999}' "
+                                                   "(gla, gated_delta) or '{beta_init: 0.5}' (delta, gated_delta).")
     seed: int = Field(0, description="seed for the new feature-map weights (and for --init random).")
 
     @model_validator(mode="after")

@@ -52,10 +52,11 @@ def _check_inputs(q, k, v, phi_q, phi_k, beta, log_decay, window, window_factor,
             raise ValueError(f"initial_state.valid must be a bool tensor, got {initial_state[5].dtype}")
 
 
-def _start_state(initial_state, B, H, window, Dk, D, F, device):
-    """float32 DeltaWindowState with invalid buffer slots zeroed (beta 0); an all-invalid one when None."""
+def _start_state(initial_state, B, H, window, Dk, D, F, device, dtype=torch.float32):
+    """DeltaWindowState in the accumulation dtype (float32; float64 for float64 inputs) with invalid buffer slots
+    zeroed (beta 0); an all-invalid one when None."""
     if initial_state is None:
-        z = {"dtype": torch.float32, "device": device}
+        z = {"dtype": dtype, "device": device}
         return DeltaWindowState(
             torch.zeros(B, H, F, D, **z), torch.zeros(B, H, window, Dk, **z), torch.zeros(B, H, window, D, **z),
             torch.zeros(B, H, window, F, **z), torch.zeros(B, H, window, **z),
@@ -174,7 +175,8 @@ def sliding_window_delta_rule(
     valid = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
     k32, v32, pk32 = (zero_padded(x, valid) for x in (k, v, phi_k))  # [B, T, H, *]
     b32, g32 = prepare_gates(beta, log_decay, valid)  # [B, T, H]
-    start = _start_state(initial_state, B, H, window, Dk, v.shape[-1], phi_k.shape[-1], k.device)
+    start = _start_state(initial_state, B, H, window, Dk, v.shape[-1], phi_k.shape[-1], k.device,
+                         torch.promote_types(v.dtype, torch.float32))
     args = (acc(q), k32, v32, acc(phi_q), pk32, b32, g32, window, acc(window_factor), scale, valid, start)
     o, state = FORMS[mode](*args, *((chunk_size,) if mode == "chunk" else ()))
     if not output_final_state:
