@@ -15,7 +15,7 @@ from t2r.adapters import RecurrentCache
 from t2r.errors import RecipeError, T2RError
 from t2r.mixers import MIXERS, DeltaMixer, GatedLinearMixer, LinearMixer, Mixer, WindowMixer, build_mixer
 from t2r.recipe import Recipe
-from t2r.transfer import AttentionTransfer
+from t2r.transfer import AttentionTransfer, layer_errors
 
 NEW = ("gla", "delta", "gated_delta")
 CASES = [(name, window) for name in NEW for window in (0, 3)]
@@ -217,3 +217,12 @@ def test_save_load_and_ablate_a_converted_model(name, window, tmp_path, tokenize
             changed = loaded(input_ids=ids).logits
         assert not torch.allclose(changed, expected)
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected)  # restored
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_auto_softmax_layers_can_rank_every_mixer(name):
+    """`keep_softmax: auto:N` ranks layers by their transfer error: defined for every mixer."""
+    model = _converted("llama", name, 3)
+    blocks = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    errors = layer_errors(model, blocks)
+    assert len(errors) == model.config.num_hidden_layers and all(e > 0 and e == e for e in errors)
