@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "olmo2", "gemma3_text")
+SLIDING = ["sliding_attention", "sliding_attention", "full_attention"]  # Gemma 3's local, local, global pattern
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +33,37 @@ def tiny_config(family: str, vocab_size: int = 300, **overrides):
     kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[family]
-    if family == "mistral":
-        kw["sliding_window"] = None
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
+           "olmo2": transformers.Olmo2Config, "gemma3_text": transformers.Gemma3TextConfig}[family]
+    kw.update(FAMILY_QUIRKS.get(family, {}))
     return cls(**{**common, **kw, **overrides})
+
+
+def longrope(original_max: int, rotary_dims: int = 8) -> dict:
+    """Phi-3 config fields for LongRoPE ("su") on `rotary_dims` of the 16 head dims: short factors up to
+    `original_max` positions, long ones beyond."""
+    half = rotary_dims // 2
+    return dict(original_max_position_embeddings=original_max,
+                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": rotary_dims / 16,
+                                 "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                                 "long_factor": [2.0 + 0.5 * i for i in range(half)]})
+
+
+# Each family's quirks, on by default in its tiny model: Qwen3 per-head q/k norms (no qkv bias), Phi-3 a fused qkv and
+# gate-up, LongRoPE on half of the head dims, OLMo 2 norms on the whole q/k projections and after each block, Gemma 3
+# one KV head, local (window 8) and global layers with their own rotary bases, query_pre_attn_scalar != head_dim.
+FAMILY_QUIRKS = {
+    "mistral": dict(sliding_window=None),
+    "qwen3": dict(head_dim=16),
+    "phi3": dict(num_key_value_heads=2, **longrope(256), sliding_window=None,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+    "olmo2": dict(),
+    "gemma3_text": dict(num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                        layer_types=SLIDING,
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 1000000.0}}),
+}
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):

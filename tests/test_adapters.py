@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import t2r
-from conftest import tiny_config
+from conftest import longrope, tiny_config
 from t2r.adapters import ADAPTERS, adapter_for, original_model
 from t2r.attention import LinearAttention, is_conversion_parameter
 from t2r.errors import UnsupportedModelError
@@ -20,16 +20,25 @@ from t2r.lora import apply_lora
 from t2r.recipe import Recipe
 from t2r.transfer import attention_rows
 
-# Every registered model type, plus variants whose own softmax attention slides (window 8 < the 24 tokens used).
+# Every registered model type with its quirks on (see conftest.FAMILY_QUIRKS), plus variants: softmax layers that
+# slide (window 8 < the 24 tokens used), rotary scalings, LongRoPE's long factors (24 > 16 positions).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 VARIANTS = {
     "llama": ("llama", {}),
+    "llama3-rope-scaling": ("llama", {"rope_parameters": LLAMA3_ROPE}),
     "mistral": ("mistral", {}),
     "mistral-sliding": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {}),
     "qwen2-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "phi3": ("phi3", {}),
+    "phi3-longrope-long-sliding": ("phi3", {**longrope(16), "sliding_window": 8}),
+    "olmo2": ("olmo2", {}),
+    "gemma3_text-sliding": ("gemma3_text", {}),
     "gpt2": ("gpt2", {}),
 }
-CONVERTIBLE = [v for v in VARIANTS if v != "qwen2-sliding"]  # per-layer sliding windows are refused (for now)
 RECIPE = Recipe(feature_map="hedgehog", feature_dim=8, window=4)
 
 
@@ -48,22 +57,24 @@ def test_every_registered_family_is_covered():
 def test_unknown_family_is_refused_with_the_supported_ones():
     config = transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                     num_attention_heads=2, max_position_embeddings=32)
-    with pytest.raises(UnsupportedModelError, match="no t2r adapter for model type 'opt'.*supported: gpt2, llama"):
+    known = "gemma3_text, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3"
+    with pytest.raises(UnsupportedModelError, match=f"no t2r adapter for model type 'opt'.*supported: {known}$"):
         adapter_for(transformers.OPTForCausalLM(config))
-    with pytest.raises(UnsupportedModelError, match="supported: gpt2, llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError, match=f"supported: {known}$"):
         apply_lora(transformers.OPTForCausalLM(config), 2)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_layer_windows_describe_every_layer(variant):
     model = build(variant)
-    adapter = adapter_for(model) if variant in CONVERTIBLE else ADAPTERS.get(VARIANTS[variant][0])()
+    adapter = adapter_for(model)
     windows = adapter.layer_windows(model.config)
     assert len(windows) == len(adapter.decoder_layers(model))
     assert any(w == 8 for w in windows) == variant.endswith("-sliding")
+    assert all(w in (None, 8) for w in windows)
 
 
-@pytest.mark.parametrize("variant", CONVERTIBLE)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_swap_changes_only_attention(variant):
     model = build(variant)
     adapter = adapter_for(model)
@@ -81,7 +92,7 @@ def test_swap_changes_only_attention(variant):
                for layer in adapter.decoder_layers(model))
 
 
-@pytest.mark.parametrize("variant", CONVERTIBLE)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_original_is_rebuilt_from_a_converted_model(variant):
     model = build(variant)
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -92,7 +103,7 @@ def test_original_is_rebuilt_from_a_converted_model(variant):
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", CONVERTIBLE)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_lora_targets_exist_in_every_layer(variant):
     model = t2r.convert(build(variant), recipe=RECIPE)
     adapter = adapter_for(model)

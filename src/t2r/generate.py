@@ -66,8 +66,8 @@ class GenerationResult:
 def new_cache(model):
     """A fresh cache for `model`: the fixed-size recurrent cache for a converted model, HF's KV cache otherwise."""
     if is_converted(model):
-        kept = tuple(model.config.t2r.get("keep_softmax_layers", ()))
-        return RecurrentCache(len(adapter_for(model).decoder_layers(model)), kept)
+        kept, adapter = tuple(model.config.t2r.get("keep_softmax_layers", ())), adapter_for(model)
+        return RecurrentCache(len(adapter.decoder_layers(model)), kept, adapter.layer_windows(model.config))
     return DynamicCache(config=model.config)
 
 

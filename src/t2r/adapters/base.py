@@ -37,6 +37,7 @@ class Adapter:
 
     name: str = ""
     families: dict[str, HFClasses] = {}
+    gguf_architectures: dict[str, str] = {}  # a GGUF file's `general.architecture` -> model type, where they differ
     attention_attr: str = "self_attn"
     lora_targets: str = ""
     lora_fan_in_fan_out: bool = False  # peft's flag for Conv1D projections (GPT-2)
@@ -85,6 +86,17 @@ class Adapter:
         return extend_kv_cache(cache, length)
 
 
+def windows_of(config, every_layer: bool = False) -> list[int | None]:
+    """Per layer, the window of its own softmax attention as HF builds its masks: `config.layer_types` names the
+    sliding layers ("sliding_attention", over `config.sliding_window` tokens); without them a family whose layers all
+    slide once `sliding_window` is set (Mistral, Phi-3: `every_layer`) slides every layer; otherwise none slides."""
+    n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window if every_layer and window else None] * n
+
+
 def reference_mask(length: int, window: int | None, device=None) -> torch.Tensor:
     """[T, T] bool: query t sees key j iff j <= t (and t - j < window when a window is given)."""
     diff = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]  # (T, T)
@@ -110,13 +122,27 @@ def base_model_type(config) -> str:
     return model_type[len("t2r_"):] if model_type.startswith("t2r_") else model_type
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of `model`'s family (checked against the model); unknown families are refused, never guessed."""
-    model_type = base_model_type(getattr(model, "config", None))
+def check_model_type(model_type: str, what: str = "") -> str:
+    """`model_type` if an adapter knows it, else UnsupportedModelError in one line naming the supported families
+    (`what` describes the model, e.g. its class). Needs only the type: callers check before loading any weights."""
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
-            f"no t2r adapter for model type {model_type!r} ({type(model).__name__}); "
+            f"no t2r adapter for model type {model_type!r}{f' ({what})' if what else ''}; "
             f"supported: {', '.join(supported_model_types())}")
+    return model_type
+
+
+def model_type_of_gguf(architecture: str) -> str:
+    """The HF model type of a GGUF file's `general.architecture` (the same name unless an adapter maps it)."""
+    for adapter in ADAPTERS.values():
+        if architecture in adapter.gguf_architectures:
+            return adapter.gguf_architectures[architecture]
+    return architecture
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of `model`'s family (checked against the model); unknown families are refused, never guessed."""
+    model_type = check_model_type(base_model_type(getattr(model, "config", None)), type(model).__name__)
     adapter = ADAPTERS.get(model_type)()
     adapter.check(model)
     return adapter

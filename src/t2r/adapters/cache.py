@@ -2,7 +2,9 @@
 beam search and batch selection work unchanged.
 
 Linear layers hold a `LinearState` (S, z) or `WindowState` (S, z + the last W tokens); layers kept as softmax hold an
-ordinary growing `DynamicLayer`. Nothing here depends on the number of tokens seen except that counter itself.
+ordinary growing `DynamicLayer`, or, where their own attention slides over W tokens (Gemma 3's local layers, Mistral),
+a `DynamicSlidingWindowLayer` that keeps the last W - 1. Nothing here depends on the number of tokens seen except that
+counter itself and the growing KV cache of a kept full-attention layer.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import T2RError
 
@@ -95,10 +97,15 @@ class RecurrentLayer(CacheLayerMixin):
 
 
 class RecurrentCache(Cache):
-    """A cache for a converted model: `RecurrentLayer` for linear layers, `DynamicLayer` for kept softmax layers."""
+    """A cache for a converted model: `RecurrentLayer` for linear layers; for kept softmax layers a `DynamicLayer`, or
+    a `DynamicSlidingWindowLayer` where `windows[i]` (the adapter's `layer_windows`) says that layer slides."""
 
-    def __init__(self, num_layers: int, softmax_layers: tuple[int, ...] = ()) -> None:
-        layers = [DynamicLayer() if i in softmax_layers else RecurrentLayer() for i in range(num_layers)]
+    def __init__(self, num_layers: int, softmax_layers: tuple[int, ...] = (),
+                 windows: list[int | None] | None = None) -> None:
+        windows = windows or [None] * num_layers
+        layers = [RecurrentLayer() if i not in softmax_layers
+                  else DynamicSlidingWindowLayer(windows[i]) if windows[i] else DynamicLayer()
+                  for i in range(num_layers)]
         super().__init__(layers=layers)
 
 
@@ -137,16 +144,20 @@ def cache_bytes(cache: Cache | None) -> int:
 
 
 def extend_kv_cache(cache: Cache, length: int) -> Cache:
-    """A copy of a batch-1 `cache` made to hold `length` tokens: softmax keys/values tiled along the sequence, recurrent
-    states kept as they are with their token count set to `length` (the cost of a decode step does not depend on what
-    the cached values are). The speed benchmark uses it where a real prefill of `length` tokens would take too long."""
+    """A copy of a batch-1 `cache` made to hold `length` tokens: softmax keys/values tiled along the sequence (a sliding
+    layer keeps at most its last W - 1, as after a real prefill), recurrent states kept as they are with their token
+    count set to `length` (the cost of a decode step does not depend on what the cached values are). The speed
+    benchmark uses it where a real prefill of `length` tokens would take too long."""
     with torch.inference_mode():
         out = copy.deepcopy(cache)
         for layer in out.layers:
             if isinstance(layer, RecurrentLayer):
                 layer.seen_tokens = length
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                reps = -(-length // layer.keys.shape[-2])
-                layer.keys = layer.keys.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
-                layer.values = layer.values.repeat(1, 1, reps, 1)[:, :, :length].contiguous()  # (B, Hkv, L, D)
+                keep = min(length, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else length
+                reps = -(-keep // layer.keys.shape[-2])
+                layer.keys = layer.keys.repeat(1, 1, reps, 1)[:, :, :keep].contiguous()  # (B, Hkv, L, D)
+                layer.values = layer.values.repeat(1, 1, reps, 1)[:, :, :keep].contiguous()  # (B, Hkv, L, D)
+                if isinstance(layer, DynamicSlidingWindowLayer):
+                    layer.cumulative_length = length
     return out
