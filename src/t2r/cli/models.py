@@ -45,7 +45,7 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
     recipe = options.recipe()
     log.info("converting %s: %s, feature_dim=%s, mixer=%s", source.describe(), recipe.feature_map,
              recipe.feature_dim, recipe.mixer)
-    converted = convert(hf_model, recipe, seed=options.seed)
+    converted = convert(hf_model, recipe, seed=options.seed, convert_layers=options.convert_layers)
     log.info("saving to %s", out)
     save(converted, out, tokenizer, overwrite=overwrite)
     return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,

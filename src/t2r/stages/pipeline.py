@@ -109,7 +109,8 @@ class _Run:
             base, options = copy.deepcopy(self.teacher), self.recipe.convert
             if self.recipe.init == "random":
                 reinitialize(base, seed=options.seed)
-            save(convert(base, options.recipe(), seed=options.seed), stage_dir, self.tokenizer)
+            converted = convert(base, options.recipe(), seed=options.seed, convert_layers=options.convert_layers)
+            save(converted, stage_dir, self.tokenizer)
 
         return self.stage("converted", build)
 

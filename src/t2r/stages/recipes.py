@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ..errors import T2RError
 from ..feature_maps import FEATURE_MAPS
@@ -66,7 +66,21 @@ def _mapping(value: Any) -> Any:
     return {} if value is None else value
 
 
+def _layer_choice(value: Any) -> Any:
+    """"all", "global", or layer indices ("5,11" on the command line, [5, 11] in YAML) -> their text form."""
+    if value in ("all", "global"):
+        return value
+    try:
+        indices = _layer_list(value)
+    except ValueError:
+        indices = None
+    if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+        raise ValueError(f"takes all, global or layer indices like 5,11; got {value!r}")
+    return ",".join(str(i) for i in sorted(set(indices)))
+
+
 Layers = Annotated[list[int], BeforeValidator(_layer_list)]
+LayerChoice = Annotated[str, BeforeValidator(_layer_choice)]
 Options = Annotated[dict[str, Any], BeforeValidator(_mapping)]
 
 
@@ -93,6 +107,10 @@ class ConvertSettings(Settings):
     mixer_options: Options = Field("", description="extra options of the mixer, as YAML, e.g. '{decay_init: 0.999}' "
                                                    "(gla, gated_delta) or '{beta_init: 0.5}' (delta, gated_delta).")
     seed: int = Field(0, description="seed for the new feature-map weights (and for --init random).")
+    convert_layers: LayerChoice = Field("all", description="the layers to convert: all, global (those whose own "
+                                                           "attention does not slide, e.g. Gemma 3's global layers; "
+                                                           "the local ones keep their sliding-window softmax) or "
+                                                           "indices like 5,11.")
 
     @model_validator(mode="after")
     def _valid(self) -> ConvertSettings:
@@ -102,6 +120,15 @@ class ConvertSettings(Settings):
         except T2RError as err:
             raise ValueError(str(err)) from None
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        """`convert_layers` is left out while it is "all" (its default), so that the stages recorded before it
+        existed still equal a recipe's settings."""
+        data = handler(self)
+        if data.get("convert_layers") == "all":
+            data.pop("convert_layers")
+        return data
 
     def recipe(self) -> Recipe:
         """The conversion recipe (its fields that this t2r's `Recipe` has; `mixer` only when set)."""
