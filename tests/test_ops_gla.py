@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
+from ops_checks import LENGTHS, MODES, OUT_TOL, assert_close, compare_runs, gen, left_pad_mask, run_with_grads
 from t2r.ops import (
     LinearState,
     WindowState,
@@ -19,56 +20,7 @@ from t2r.ops import (
     sliding_window_linear_attention,
 )
 
-OUT_TOL = 1e-5
-GRAD_TOL = 1e-4
-GRAD_ATOL = 1e-6  # per element; only covers gradients that cancel to ~0
-LENGTHS = [(1, 16), (63, 16), (500, 64)]  # (T, chunk_size): chunk sizes that do not divide T
-MODES = ("chunk", "recurrent", "quadratic")
 INF = float("inf")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def assert_close(a, b, tol, what, atol=0.0, terms=1):
-    """|a - b| <= tol |b| + atol sqrt(max(numel, terms)) (norms); NaN anywhere fails."""
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    diff = float((a.detach().double() - b.detach().double()).norm())
-    bound = tol * float(b.detach().double().norm()) + atol * max(b.numel(), terms) ** 0.5
-    assert diff <= bound, f"{what}: relative error {rel_err(a, b):.2e} > {tol:.0e} (|a-b| = {diff:.2e})"
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def left_pad_mask(T: int, pads) -> torch.Tensor:
-    return torch.arange(T)[None, :] >= torch.tensor(pads)[:, None]  # [B, T]
-
-
-def run_with_grads(call, leaves: dict, seed: int = 123):
-    """Call op, project (o, float parts of the state) on fixed random weights, differentiate."""
-    o, state = call(leaves)
-    outs = [o] + [x for x in (state or ()) if x.is_floating_point()]
-    g = gen(seed)
-    loss = sum((x * torch.randn(x.shape, generator=g)).sum() for x in outs)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return outs, state, dict(zip(leaves, grads))
-
-
-def compare_runs(fast, ref, names):
-    (outs_f, state_f, grads_f), (outs_r, state_r, grads_r) = fast, ref
-    assert_close(outs_f[0], outs_r[0], OUT_TOL, "output")
-    for name, a, b in zip(state_r._fields, state_f, state_r):
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b), f"state.{name} differs"
-        else:
-            assert_close(a, b, OUT_TOL, f"state.{name}")
-    for name in names:
-        assert grads_r[name] is not None, f"no gradient reaches {name}"
-        assert_close(grads_f[name], grads_r[name], GRAD_TOL, f"grad {name}", GRAD_ATOL, outs_r[0].numel())
 
 
 def log_decays(kind: str, B: int, T: int, H: int, F: int, g: torch.Generator) -> torch.Tensor:
