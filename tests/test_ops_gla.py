@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
+import t2r.ops.gla.chunk as gla_chunk
 from ops_checks import LENGTHS, MODES, OUT_TOL, assert_close, compare_runs, gen, left_pad_mask, run_with_grads
 from t2r.ops import (
     LinearState,
@@ -453,3 +454,16 @@ def test_valid_calls_pass_validation():
     _weights()()
     _win(log_decay=torch.full((1, 4, 2), -INF))()
     _win(log_decay=None)()
+
+
+def test_the_fast_within_chunk_product_equals_the_blockwise_form(monkeypatch):
+    """Mild decays take the one-product path; forcing the blockwise form on the same inputs changes nothing."""
+    g = gen(5)
+    phi_q, phi_k = (torch.rand(2, 150, 3, 6, generator=g) for _ in range(2))
+    v = torch.randn(2, 150, 3, 5, generator=g)
+    log_decay = nnf.logsigmoid(torch.randn(2, 150, 3, 6, generator=g) + 4)
+    fast, fast_state = gated_linear_attention(phi_q, phi_k, v, log_decay, chunk_size=64, output_final_state=True)
+    monkeypatch.setattr(gla_chunk, "SAFE_LOG_DECAY", float("inf"))  # no chunk qualifies
+    slow, slow_state = gated_linear_attention(phi_q, phi_k, v, log_decay, chunk_size=64, output_final_state=True)
+    assert_close(fast, slow, OUT_TOL, "output")
+    assert_close(fast_state.S, slow_state.S, OUT_TOL, "state")

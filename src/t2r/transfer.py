@@ -6,7 +6,8 @@ One step costs about one forward pass of the teacher: the teacher (the student's
 pre-hooks capture each attention module's input hidden states and positions; then each converted layer computes
 q, k, v with its frozen pretrained projections, the softmax attention output (the target, before o_proj) and its
 linear attention output (the prediction) on them. Gradients flow only through the feature maps: there is no backward
-pass through the network.
+pass through the network. Each layer's prediction is checkpointed (recomputed in the backward pass), so that memory
+holds one layer's graph at a time, not all of them: what makes 2,048-token blocks fit.
 
 Losses, averaged over the converted layers:
     mse  = mean((o_linear - o_softmax)^2) / var(o_softmax)      (normalised so that layers are comparable)
@@ -20,6 +21,7 @@ import itertools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapters import ADAPTERS, adapter_for, original_model
 from .adapters.base import Adapter, base_model_type
@@ -77,6 +79,13 @@ def attention_rows_ce(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor, v
     """Hedgehog's loss: cross-entropy of the linear attention's rows under the softmax rows, mean over queries."""
     target, rows = attention_rows(attn, q, k, v, adapter)
     return -(target * torch.log(rows.clamp_min(1e-12))).sum(-1).mean()
+
+
+def output_error(attn: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 target: torch.Tensor) -> torch.Tensor:
+    """The layer's linear attention output against its softmax target: mean squared error / variance of the target."""
+    pred = attn.attend(q, k, v, mode="chunk").float()  # (B, T, H, D)
+    return (pred - target).pow(2).mean() / target.var().clamp_min(1e-8)
 
 
 class AttentionTransfer(nn.Module):
@@ -137,8 +146,10 @@ class AttentionTransfer(nn.Module):
             with torch.no_grad():
                 q, k, v = attn.qkv(hidden, positions)  # (B, T, H, D), (B, T, Hkv, D) x 2
                 target = self.adapter.softmax_reference(attn, q, k, v).float()  # (B, T, H, D)
-            pred = attn.attend(q, k, v, mode="chunk").float()  # (B, T, H, D)
-            mses.append((pred - target).pow(2).mean() / target.var().clamp_min(1e-8))
+            if torch.is_grad_enabled():  # keep one layer's graph at a time: recomputed in the backward pass
+                mses.append(checkpoint(output_error, attn, q, k, v, target, use_reentrant=False))
+            else:
+                mses.append(output_error(attn, q, k, v, target))
             if self.attn_ce:
                 ces.append(attention_rows_ce(attn, q, k, v, self.adapter))
         mse = torch.stack(mses).mean()
