@@ -18,7 +18,7 @@ from t2r.data import DataError, TokenBlocks
 from t2r.errors import NotAT2RModelError, T2RError
 from t2r.stages.distill import attention_transfer
 from t2r.train import DistillSettings, SettingsError, TrainConfig
-from t2r.transfer import AttentionTransfer, attention_rows, layer_errors
+from t2r.transfer import AttentionTransfer, attention_rows, layer_errors, output_error
 
 
 def converted(tokenizer, family="llama", window=0, feature_map="hedgehog", feature_dim=8):
@@ -157,3 +157,24 @@ def test_distill_command_end_to_end(tmp_path, tiny_converted_dir):
     model = t2r.load(out)
     assert model.config.t2r["window"] == 4 and t2r.persistence.load_tokenizer(out) is not None
     assert not (out / "checkpoint").exists() and (out / "train.json").is_file()
+
+
+def test_checkpointed_layers_give_the_gradients_of_a_plain_backward(tokenizer):
+    """Stage 1 recomputes each layer's prediction in the backward pass (one layer's graph in memory at a time); the
+    gradients are those of differentiating every layer's error directly."""
+    transfer = AttentionTransfer(converted(tokenizer, window=4))
+    ids = blocks().heldout[:1]
+    transfer(ids)["loss"].backward()
+    checkpointed = {n: p.grad.clone() for n, p in transfer.student.named_parameters() if p.grad is not None}
+    transfer.student.zero_grad(set_to_none=True)
+    errors = []
+    for (attn, _), (hidden, positions) in zip(transfer.pairs, transfer.capture(ids)):
+        with torch.no_grad():
+            q, k, v = attn.qkv(hidden, positions)
+            target = transfer.adapter.softmax_reference(attn, q, k, v).float()
+        errors.append(output_error(attn, q, k, v, target))
+    torch.stack(errors).mean().backward()
+    plain = {n: p.grad for n, p in transfer.student.named_parameters() if p.grad is not None}
+    assert checkpointed.keys() == plain.keys() and checkpointed
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
