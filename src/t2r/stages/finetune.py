@@ -7,6 +7,9 @@ LoRA (`lora` = rank > 0) adapts the q/k/v/o projections by default (`lora_module
 feature maps (and window mixing factors) trainable too; the adapters are merged into the weights when the final model
 is exported, so OUT holds a plain t2r model that `t2r.load` reads. The teacher is the original softmax model rebuilt
 from the student's starting weights (`t2r.adapters.original_model`), or another model with the same tokenizer.
+With `kd_top_k` = k > 0 the teacher runs once per training block instead of once per step: its top-k next-token
+log-probabilities (and the rest of its mass) are cached on disk (`t2r.stages.teacher_cache`) and the KL is taken over
+those k + 1 outcomes.
 A model that was never converted can be finetuned too (a baseline: the teacher finetuned on the same tokens).
 """
 
@@ -28,6 +31,7 @@ from ..lora import apply_lora
 from ..persistence import save
 from ..train import FinetuneSettings, Task, TrainConfig, seeded, train
 from ..transfer import follow_device
+from .teacher_cache import TeacherCache, cached_teacher_loss, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +39,34 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Finetuning:
     """What stage 2 trains and towards what: a LoRA rank (0: the whole model) and the modules it adapts, and the
-    weight of the KL term to `teacher` (None with kd > 0: the student's own original model)."""
+    weight of the KL term to `teacher` (None with kd > 0: the student's own original model), live or, with
+    `kd_top_k` > 0, its top-k distributions cached in `teacher_cache` (None: `.teacher-cache` beside the run)."""
 
     lora: int = 0
     lora_modules: str = ""
     kd: float = 0.0
     teacher: nn.Module | None = None
+    kd_top_k: int = 0
+    teacher_cache: str | Path | None = None
 
     @classmethod
     def of(cls, settings: FinetuneSettings, teacher: nn.Module | None = None) -> Finetuning:
-        return cls(lora=settings.lora, lora_modules=settings.lora_modules, kd=settings.kd, teacher=teacher)
+        return cls(lora=settings.lora, lora_modules=settings.lora_modules, kd=settings.kd, teacher=teacher,
+                   kd_top_k=settings.kd_top_k, teacher_cache=settings.teacher_cache)
 
 
 class LanguageModeling(nn.Module):
     """forward(input_ids [B, T]) -> {"loss", "lm_loss", ("kl")}: next-token CE of the student, plus `kd` times
-    KL(teacher || student). The teacher is not a submodule (no gradients, not seen by optimizers or DDP)."""
+    KL(teacher || student), from the live teacher or, given `cache`, from its cached top-k distributions (the KL
+    over k + 1 outcomes). The teacher is not a submodule (no gradients, not seen by optimizers or DDP)."""
 
-    def __init__(self, student: nn.Module, *, teacher: nn.Module | None = None, kd: float = 0.0) -> None:
+    def __init__(self, student: nn.Module, *, teacher: nn.Module | None = None, kd: float = 0.0,
+                 cache: TeacherCache | None = None) -> None:
         super().__init__()
-        self.student, self.kd = student, kd
-        object.__setattr__(self, "teacher", teacher)
+        self.student, self.kd, self.cache = student, kd, cache
+        object.__setattr__(self, "teacher", cache.teacher if cache is not None else teacher)
 
-    def train(self, mode: bool = True) -> "LanguageModeling":
+    def train(self, mode: bool = True) -> LanguageModeling:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
@@ -65,6 +75,9 @@ class LanguageModeling(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> dict:
         logits = self.student(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
         labels = input_ids[:, 1:]  # (B, T-1)
+        if self.kd and self.cache is not None:
+            lm, kl = cached_teacher_loss(logits, labels, self.cache.targets(input_ids))
+            return {"loss": lm + self.kd * kl, "lm_loss": lm.detach(), "kl": kl.detach()}
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         out = {"loss": lm, "lm_loss": lm.detach()}
         if self.kd:
@@ -120,18 +133,19 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
                    overwrite: bool = False, on_step=None) -> dict:
     """Stage 2 on a loaded model (changed in place; with LoRA, adapters are injected into it, their initial weights
     drawn from `config.seed`). The final model (LoRA merged) is saved to `out`. `settings` are recorded with the
-    run (see `t2r.train.Trainer`). Returns the run summary."""
+    run (see `t2r.train.Trainer`). Returns the run summary (with `method.kd_top_k`, the teacher cache's folder and
+    how many blocks it computed and read)."""
     lora, lora_modules, kd, teacher = method.lora, method.lora_modules, method.kd, method.teacher
-    if isinstance(lora, bool) or not isinstance(lora, int) or lora < 0:
-        raise T2RError(f"--lora is a LoRA rank >= 0 (0: full finetuning), got {lora!r}")
-    if kd < 0:
-        raise T2RError(f"--kd is a loss weight >= 0, got {kd}")
+    _check_method(method)
     if kd and teacher is None:
         teacher = default_teacher(student)
     if teacher is not None:
         s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if s != t:
             raise T2RError(f"the teacher predicts {t} tokens, the student {s}: distillation needs the same vocabulary")
+    cache = None
+    if kd and method.kd_top_k:
+        cache = TeacherCache(teacher, method.teacher_cache or default_cache_dir(out), method.kd_top_k)
     if lora:
         with seeded(config.seed, next(student.parameters()).device):
             model = apply_lora(student, lora, lora_modules)
@@ -139,7 +153,21 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
         model = student
         for param in model.parameters():
             param.requires_grad_(True)
-    task = FinetuneTask(LanguageModeling(model, teacher=teacher if kd else None, kd=kd), tokenizer,
+    task = FinetuneTask(LanguageModeling(model, teacher=teacher if kd else None, kd=kd, cache=cache), tokenizer,
                         merge_lora=bool(lora))
-    settings = {"stage": "finetune", "lora": lora, "lora_modules": lora_modules, "kd": kd, **(settings or {})}
-    return train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite, on_step=on_step)
+    top_k = {"kd_top_k": method.kd_top_k} if cache is not None else {}  # absent for a live teacher, as before it
+    settings = {"stage": "finetune", "lora": lora, "lora_modules": lora_modules, "kd": kd, **top_k, **(settings or {})}
+    summary = train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite, on_step=on_step)
+    return {**summary, "teacher_cache": cache.report()} if cache is not None else summary
+
+
+def _check_method(method: Finetuning) -> None:
+    lora, top_k = method.lora, method.kd_top_k
+    if isinstance(lora, bool) or not isinstance(lora, int) or lora < 0:
+        raise T2RError(f"--lora is a LoRA rank >= 0 (0: full finetuning), got {lora!r}")
+    if method.kd < 0:
+        raise T2RError(f"--kd is a loss weight >= 0, got {method.kd}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise T2RError(f"--kd-top-k is a number of tokens >= 0 (0: run the teacher at every step), got {top_k!r}")
+    if top_k and not method.kd:
+        raise T2RError("--kd-top-k caches the teacher for distillation: add --kd WEIGHT (e.g. --kd 1)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_serializer, model_validator
 
 from ..settings import Settings
 from .checkpoint import TrainError
@@ -81,6 +81,13 @@ class FinetuneSettings(TrainSettings):
                                               "q/k/v/o projections).")
     kd: float = Field(0.0, ge=0, description="weight of KL(teacher || student) on next-token distributions, added "
                                              "to the LM loss (0: off).")
+    kd_top_k: int = Field(0, ge=0, description="with --kd: compute the teacher once per training block and keep its "
+                                               "top-k next-token log-probabilities on disk (beside --out), the KL "
+                                               "taken over those k tokens and the rest; e.g. 64 (0: run the "
+                                               "teacher at every step).")
+    teacher_cache: str | None = Field(None, exclude=True, description="folder of the cached teacher for --kd-top-k "
+                                                                      "(None: .teacher-cache beside --out); not "
+                                                                      "recorded: it does not change the run.")
 
     @field_validator("lora")
     @classmethod
@@ -94,3 +101,20 @@ class FinetuneSettings(TrainSettings):
         if self.lr is None:  # frozen: the one value filled in after validation
             object.__setattr__(self, "lr", DEFAULT_LR["lora" if self.lora else "full"])
         return self
+
+    @model_validator(mode="after")
+    def _top_k_needs_kd(self) -> FinetuneSettings:
+        if self.kd_top_k and not self.kd:
+            raise ValueError("kd_top_k caches the teacher for distillation: set kd too (e.g. kd 1)")
+        if self.teacher_cache is not None and not self.kd_top_k:
+            raise ValueError("teacher_cache is the folder of the cached teacher: set kd_top_k too (e.g. 64)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _live_teacher_unrecorded(self, handler) -> dict:
+        """kd_top_k 0 (the live teacher, as before the setting existed) is left out of dumps, so the stage records of
+        earlier pipeline runs still equal the recipe's."""
+        data = handler(self)
+        if not self.kd_top_k:
+            data.pop("kd_top_k", None)
+        return data
