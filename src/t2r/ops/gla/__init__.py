@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..common import LinearState, acc, check_key_mask, check_mode, check_rank4, check_same_last, check_state, guard
+from ..common import acc, check_key_mask, check_mode, check_rank4, check_same_last, guard
+from ..linear import check_linear_inputs, start_state
 from ..linear.chunk import pad_time
 from .chunk import block_sizes, causal_weights, gated_linear_attention_chunk_terms
 from .naive import gated_linear_attention_quadratic_terms
@@ -40,15 +41,8 @@ def full_log_decay(log_decay: torch.Tensor, phi_k: torch.Tensor, step_ok) -> tor
 
 
 def _check_inputs(phi_q, phi_k, v, log_decay, key_mask, initial_state, mode, chunk_size) -> None:
-    check_mode(mode, chunk_size)
-    check_rank4(phi_q=phi_q, phi_k=phi_k, v=v)
-    check_same_last("phi_q", phi_q, "phi_k", phi_k)
+    check_linear_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size)
     check_log_decay(log_decay, phi_k)
-    check_key_mask(key_mask, *phi_k.shape[:2])
-    if initial_state is not None:
-        B, _, H, F = phi_k.shape
-        expected = {"S": (B, H, F, v.shape[-1]), "z": (B, H, F)}
-        check_state("LinearState", initial_state, LinearState._fields, expected)
 
 
 def gated_linear_attention_terms(
@@ -74,12 +68,7 @@ def gated_linear_attention_terms(
     if key_mask is not None:  # padding adds nothing to the state (and, with g = 0 there, does not decay it)
         step_ok = key_mask[:, :, None, None]  # [B, T, 1, 1]
         phi_k, v32 = torch.where(step_ok, phi_k, 0.0), torch.where(step_ok, v32, 0.0)  # [B, T, H, *]
-    B, _, H, F = phi_k.shape
-    if initial_state is None:
-        S0 = phi_k.new_zeros(B, H, F, v.shape[-1])  # [B, H, F, D]
-        z0 = phi_k.new_zeros(B, H, F)  # [B, H, F]
-    else:
-        S0, z0 = (acc(x) for x in initial_state)
+    S0, z0 = start_state(initial_state, phi_k, v.shape[-1])
     if mode == "chunk":
         num, den, state = gated_linear_attention_chunk_terms(phi_q, phi_k, v32, g, S0, z0, chunk_size)
     elif mode == "recurrent":

@@ -10,7 +10,8 @@ from .naive import linear_attention_noncausal_terms, linear_attention_quadratic_
 from .recurrent import linear_attention_recurrent_terms
 
 
-def _check_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size) -> None:
+def check_linear_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size) -> None:
+    """The checks every linear-attention op shares (the gated one adds its decays)."""
     check_mode(mode, chunk_size)
     check_rank4(phi_q=phi_q, phi_k=phi_k, v=v)
     check_same_last("phi_q", phi_q, "phi_k", phi_k)
@@ -19,6 +20,14 @@ def _check_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size) ->
         B, _, H, F = phi_k.shape
         expected = {"S": (B, H, F, v.shape[-1]), "z": (B, H, F)}
         check_state("LinearState", initial_state, LinearState._fields, expected)
+
+
+def start_state(initial_state, phi_k: torch.Tensor, D: int):
+    """(S0 [B, H, F, D], z0 [B, H, F]) in the accumulation dtype: the given LinearState, or zeros."""
+    if initial_state is None:
+        B, _, H, F = phi_k.shape
+        return phi_k.new_zeros(B, H, F, D), phi_k.new_zeros(B, H, F)
+    return tuple(acc(x) for x in initial_state)
 
 
 def linear_attention_terms(
@@ -38,16 +47,11 @@ def linear_attention_terms(
 
     Same arguments as `linear_attention` (eps is accepted for a uniform signature and unused here).
     """
-    _check_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size)
+    check_linear_inputs(phi_q, phi_k, v, key_mask, initial_state, mode, chunk_size)
     phi_q, phi_k, v32 = acc(phi_q), acc(phi_k), acc(v)
     if key_mask is not None:  # padding adds nothing to the state
         phi_k = torch.where(key_mask[:, :, None, None], phi_k, 0.0)  # [B, T, H, F]
-    B, _, H, F = phi_k.shape
-    if initial_state is None:
-        S0 = phi_k.new_zeros(B, H, F, v.shape[-1])  # [B, H, F, D]
-        z0 = phi_k.new_zeros(B, H, F)  # [B, H, F]
-    else:
-        S0, z0 = (acc(x) for x in initial_state)
+    S0, z0 = start_state(initial_state, phi_k, v.shape[-1])
     if not causal:
         num, den, state = linear_attention_noncausal_terms(phi_q, phi_k, v32, S0, z0)
     elif mode == "chunk":
