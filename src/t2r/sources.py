@@ -3,7 +3,8 @@
 becomes a `ModelSourceError` that says what to do.
 
 Before any weights are read (a GGUF file is dequantized as it loads), the model's type is read from its config.json or
-its GGUF header alone, and a family no adapter knows is refused at once (`UnsupportedModelError`)."""
+its GGUF header alone, and a family no adapter knows is refused at once (`UnsupportedModelError`): torch and
+transformers are imported only after that check (`check_source`), so a refusal takes no longer than Python's start."""
 
 from __future__ import annotations
 
@@ -16,11 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-from .adapters.base import base_model_type, check_model_type, drop_dequantized_quantizer, model_type_of_gguf
 from .errors import ModelSourceError
+from .families import base_model_type, check_model_type, model_type_of_gguf
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +91,23 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer, ModelSource) for a causal LM of a family t2r converts (refused before loading
-    otherwise). GGUF weights are dequantized into a normal model."""
+def check_source(spec: str | None) -> ModelSource:
+    """`spec` resolved, and its family checked from its config.json or GGUF header alone (nothing heavy imported)."""
     source = resolve(spec)
     check_model_type(model_type_of(source), source.describe())
-    kwargs = {"dtype": dtype}
+    return source
+
+
+def load_model(spec: str | None, dtype=None):
+    """Load (model, tokenizer, ModelSource) for a causal LM of a family t2r converts (refused before loading
+    otherwise). GGUF weights are dequantized into a normal model (float32 unless `dtype` says otherwise)."""
+    source = check_source(spec)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters.base import drop_dequantized_quantizer
+
+    kwargs = {"dtype": dtype or torch.float32}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     log.info("loading %s", source.describe())
@@ -121,6 +130,8 @@ def model_type_of(source: ModelSource) -> str:
         if source.kind == "dir":
             config = SimpleNamespace(**json.loads((Path(source.path) / "config.json").read_text()))
         else:
+            from transformers import AutoConfig
+
             config = AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelSourceError(_explain(source, err)) from err

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attention import LinearAttention, repeat_heads
 from ..errors import ModelSourceError, UnsupportedModelError
+from ..families import base_model_type, check_model_type, model_type_of_gguf  # noqa: F401  (re-exported)
 from ..recipe import Recipe
 from ..registry import Registry
 from .cache import extend_kv_cache, recurrent_slot
@@ -114,30 +115,6 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 def supported_model_types() -> list[str]:
     return ADAPTERS.names()
-
-
-def base_model_type(config) -> str:
-    """The family's own model_type, also for an already converted config ("t2r_llama" -> "llama")."""
-    model_type = getattr(config, "model_type", "")
-    return model_type[len("t2r_"):] if model_type.startswith("t2r_") else model_type
-
-
-def check_model_type(model_type: str, what: str = "") -> str:
-    """`model_type` if an adapter knows it, else UnsupportedModelError in one line naming the supported families
-    (`what` describes the model, e.g. its class). Needs only the type: callers check before loading any weights."""
-    if model_type not in ADAPTERS:
-        raise UnsupportedModelError(
-            f"no t2r adapter for model type {model_type!r}{f' ({what})' if what else ''}; "
-            f"supported: {', '.join(supported_model_types())}")
-    return model_type
-
-
-def model_type_of_gguf(architecture: str) -> str:
-    """The HF model type of a GGUF file's `general.architecture` (the same name unless an adapter maps it)."""
-    for adapter in ADAPTERS.values():
-        if architecture in adapter.gguf_architectures:
-            return adapter.gguf_architectures[architecture]
-    return architecture
 
 
 def adapter_for(model: nn.Module) -> Adapter:

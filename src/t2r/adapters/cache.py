@@ -3,8 +3,8 @@ beam search and batch selection work unchanged.
 
 Linear layers hold a `LinearState` (S, z) or `WindowState` (S, z + the last W tokens); layers kept as softmax hold an
 ordinary growing `DynamicLayer`, or, where their own attention slides over W tokens (Gemma 3's local layers, Mistral),
-a `DynamicSlidingWindowLayer` that keeps the last W - 1. Nothing here depends on the number of tokens seen except that
-counter itself and the growing KV cache of a kept full-attention layer.
+a `FixedWindowLayer` whose W - 1 slots are allocated at the first token. Nothing here depends on the number of tokens
+seen except that counter itself and the growing KV cache of a kept full-attention layer.
 """
 
 from __future__ import annotations
@@ -96,15 +96,63 @@ class RecurrentLayer(CacheLayerMixin):
         return f"RecurrentLayer(seen_tokens={self.seen_tokens}, bytes={self.nbytes()})"
 
 
+class FixedWindowLayer(DynamicSlidingWindowLayer):
+    """A kept sliding-window softmax layer's keys and values in W - 1 slots allocated at its first token, so that the
+    whole cache of a model converted only in its global layers has one size from the first token on.
+
+    `keys` / `values` (B, Hkv, W - 1, D) hold the last `filled` tokens right-aligned (the slots before them are zeros
+    that no query reads); `update` returns exactly what HF's `DynamicSlidingWindowLayer` returns (the cached tokens,
+    then the new ones), so attention and its mask are unchanged. Beam reordering and batch selection are HF's own
+    (they index dim 0 of keys and values)."""
+
+    def __init__(self, sliding_window: int, **kwargs) -> None:
+        super().__init__(sliding_window)
+        self.filled = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        slots = self.sliding_window - 1
+        self.keys = key_states.new_zeros(batch, heads, slots, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, slots, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self.keys.shape[-2]
+        full_keys = torch.cat([self.keys[:, :, slots - self.filled:], key_states], dim=-2)
+        full_values = torch.cat([self.values[:, :, slots - self.filled:], value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        self.filled = min(slots, full_keys.shape[-2])
+        if self.filled:
+            self.keys[:, :, slots - self.filled:] = full_keys[:, :, -self.filled:]
+            self.values[:, :, slots - self.filled:] = full_values[:, :, -self.filled:]
+        return full_keys, full_values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise T2RError("a sliding-window cache of fixed size cannot be rewound (assisted / speculative decoding "
+                           "needs a growing KV cache); generate without an assistant model")
+
+    def reset(self) -> None:
+        super().reset()
+        self.filled = 0
+
+    def fill_to(self, length: int) -> None:
+        """Pretend `length` tokens were read (the speed benchmark's stand-in for a long prefill)."""
+        self.cumulative_length, self.filled = length, min(length, self.keys.shape[-2])
+
+
 class RecurrentCache(Cache):
     """A cache for a converted model: `RecurrentLayer` for linear layers; for kept softmax layers a `DynamicLayer`, or
-    a `DynamicSlidingWindowLayer` where `windows[i]` (the adapter's `layer_windows`) says that layer slides."""
+    a `FixedWindowLayer` where `windows[i]` (the adapter's `layer_windows`) says that layer slides."""
 
     def __init__(self, num_layers: int, softmax_layers: tuple[int, ...] = (),
                  windows: list[int | None] | None = None) -> None:
         windows = windows or [None] * num_layers
         layers = [RecurrentLayer() if i not in softmax_layers
-                  else DynamicSlidingWindowLayer(windows[i]) if windows[i] else DynamicLayer()
+                  else FixedWindowLayer(windows[i]) if windows[i] else DynamicLayer()
                   for i in range(num_layers)]
         super().__init__(layers=layers)
 
@@ -153,6 +201,9 @@ def extend_kv_cache(cache: Cache, length: int) -> Cache:
         for layer in out.layers:
             if isinstance(layer, RecurrentLayer):
                 layer.seen_tokens = length
+            elif isinstance(layer, FixedWindowLayer):
+                if layer.is_initialized:
+                    layer.fill_to(length)
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
                 keep = min(length, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else length
                 reps = -(-keep // layer.keys.shape[-2])
