@@ -179,3 +179,24 @@ def test_command_functions_make_valid_cli_parsers(capsys):
     assert kwargs["options"] == DistillSettings()  # the defaults of `t2r distill`: lr 3e-2, eval every 250 steps
     assert (kwargs["options"].lr, kwargs["options"].eval_every, kwargs["options"].eval_blocks) == (3e-2, 250, 8)
     assert FinetuneSettings().lr == 3e-5 and FinetuneSettings(lora=4).lr == 2e-4  # the default lr follows --lora
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_recomputing_the_layers_trains_the_same_weights(tmp_path, tokenizer, lora):
+    """--checkpoint-layers (long blocks) only trades memory for time: the same weights after three steps with a
+    teacher (kd), whole model and LoRA."""
+    runs = {}
+    for recompute in (False, True):
+        model = converted(tokenizer)
+        finetune_model(model, blocks(), tmp_path / f"r{recompute}", config(steps=3),
+                       tokenizer=tokenizer, method=Finetuning(lora=lora, kd=1.0, checkpoint_layers=recompute))
+        assert model.is_gradient_checkpointing == recompute
+        runs[recompute] = t2r.load(tmp_path / f"r{recompute}").state_dict()
+    assert runs[True].keys() == runs[False].keys()
+    for name, tensor in runs[False].items():
+        torch.testing.assert_close(runs[True][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_layers_is_a_flag_and_not_recorded():
+    options = FinetuneSettings.parse({"checkpoint_layers": True})
+    assert options.checkpoint_layers and "checkpoint_layers" not in options.model_dump()

@@ -48,11 +48,13 @@ class Finetuning:
     teacher: nn.Module | None = None
     kd_top_k: int = 0
     teacher_cache: str | Path | None = None
+    checkpoint_layers: bool = False
 
     @classmethod
     def of(cls, settings: FinetuneSettings, teacher: nn.Module | None = None) -> Finetuning:
         return cls(lora=settings.lora, lora_modules=settings.lora_modules, kd=settings.kd, teacher=teacher,
-                   kd_top_k=settings.kd_top_k, teacher_cache=settings.teacher_cache)
+                   kd_top_k=settings.kd_top_k, teacher_cache=settings.teacher_cache,
+                   checkpoint_layers=settings.checkpoint_layers)
 
 
 class LanguageModeling(nn.Module):
@@ -143,6 +145,8 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
         s, t = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if s != t:
             raise T2RError(f"the teacher predicts {t} tokens, the student {s}: distillation needs the same vocabulary")
+    if method.checkpoint_layers:
+        checkpoint_layers(student)
     cache = None
     if kd and method.kd_top_k:
         cache = TeacherCache(teacher, method.teacher_cache or default_cache_dir(out), method.kd_top_k)
@@ -159,6 +163,19 @@ def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainCon
     settings = {"stage": "finetune", "lora": lora, "lora_modules": lora_modules, "kd": kd, **top_k, **(settings or {})}
     summary = train(task, blocks, config, out, settings=settings, resume=resume, overwrite=overwrite, on_step=on_step)
     return {**summary, "teacher_cache": cache.report()} if cache is not None else summary
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (HF's gradient checkpointing, non-reentrant: it works with
+    frozen embeddings under LoRA and gives the same gradients)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise T2RError(f"{type(model).__name__} does not support recomputing its layers (--checkpoint-layers): "
+                       "train without it, or with shorter blocks")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _check_method(method: Finetuning) -> None:

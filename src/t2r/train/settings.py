@@ -88,6 +88,11 @@ class FinetuneSettings(TrainSettings):
     teacher_cache: str | None = Field(None, exclude=True, description="folder of the cached teacher for --kd-top-k "
                                                                       "(None: .teacher-cache beside --out); not "
                                                                       "recorded: it does not change the run.")
+    checkpoint_layers: bool = Field(False, exclude=True, description="recompute each decoder layer in the backward "
+                                                                     "pass instead of keeping its activations (long "
+                                                                     "blocks: a fraction of the memory for about a "
+                                                                     "third more time); not recorded: it does not "
+                                                                     "change the run.")
 
     @field_validator("lora")
     @classmethod
