@@ -18,6 +18,7 @@ import sys
 import types
 import typing
 
+from .. import __version__
 from ..errors import T2RError
 from ..settings import flag, model_in
 from .evaluation import bench_command, eval_command, lm_eval_command
@@ -128,6 +129,7 @@ def _add_command(sub, fn) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="t2r", description="Turn a pretrained transformer LM into an RNN.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
+    parser.add_argument("--version", action="version", version=f"t2r {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for fn in COMMANDS:
         _add_command(sub, fn)

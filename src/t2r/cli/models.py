@@ -1,4 +1,7 @@
-"""Commands that make and use a converted model: `t2r convert`, `t2r generate`, `t2r verify`."""
+"""Commands that make and use a converted model: `t2r convert`, `t2r generate`, `t2r verify`.
+
+What needs torch or transformers is imported inside the command that uses it, so that `t2r --help` answers at once
+and the arguments are checked before a model is loaded."""
 
 from __future__ import annotations
 
@@ -6,16 +9,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..adapters import is_converted, original_model
-from ..attention import is_conversion_parameter
-from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
-from ..generate import Sampling, generate
-from ..persistence import is_t2r_dir, load, load_tokenizer, save
 from ..recipe import INITS
-from ..sources import load_model
 from ..stages.recipes import ConvertSettings
-from ..verify import verify
 
 log = logging.getLogger("t2r")
 
@@ -23,7 +19,7 @@ log = logging.getLogger("t2r")
 DEMO_PROMPT = "It is a truth universally acknowledged"
 
 
-def convert_command(model: str | None = None, *, options: ConvertSettings = ConvertSettings(),
+def convert_command(model: str | None = None, *, options: ConvertSettings | None = None,
                     init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False,
                     as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
@@ -38,6 +34,12 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
     """
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
+    options = options or ConvertSettings()
+    from ..attention import is_conversion_parameter
+    from ..convert import convert, count_linear_layers, reinitialize
+    from ..persistence import save
+    from ..sources import load_model
+
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
     if init == "random":
@@ -57,6 +59,8 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
 
 def load_converted(path: str, *, need_tokenizer: bool = True):
     """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops."""
+    from ..persistence import load, load_tokenizer
+
     log.info("loading %s", path)
     model, tokenizer = load(path), load_tokenizer(path)
     if tokenizer is None and need_tokenizer:
@@ -67,6 +71,9 @@ def load_converted(path: str, *, need_tokenizer: bool = True):
 def load_any(model: str):
     """(model, tokenizer): a converted directory with `t2r.load`, anything else (GGUF file, HF directory, hub id)
     through `t2r.sources`; a tokenizer is required."""
+    from ..persistence import is_t2r_dir
+    from ..sources import load_model
+
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
         return load_converted(model)
     loaded, tokenizer, _ = load_model(model)
@@ -93,6 +100,8 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
     """
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    from ..generate import Sampling, generate
+
     sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     hf_model, tokenizer = load_converted(model)
     result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
@@ -110,6 +119,8 @@ def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json:
         prefill: tokens processed in one chunked call before token-by-token decoding.
         as_json: print the report as JSON.
     """
+    from ..verify import verify
+
     hf_model, _ = load_converted(model, need_tokenizer=False)
     report = verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
@@ -120,6 +131,8 @@ def load_with_teacher(model: str):
     """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
     its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
     alone (`eval`, `recall`)."""
+    from ..adapters import is_converted, original_model
+
     loaded, tokenizer = load_any(model)
     if is_converted(loaded):
         return loaded, lambda: original_model(loaded), tokenizer

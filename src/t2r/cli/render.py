@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..bench import render_bench
-from ..stages.pipeline import report_markdown
 from ..units import fmt_bytes
 from .recall import render_recall
 
@@ -36,6 +35,8 @@ def render_finetune(r: dict) -> str:
 
 
 def render_pipeline(r: dict) -> str:
+    from ..stages.pipeline import report_markdown  # here: it imports torch
+
     return report_markdown(r) + f"\n(report: {r['out']}/report.md)"
 
 

@@ -1,0 +1,107 @@
+"""Usability of the command line and the package (issue 17): `t2r --help` without torch, `--version`, arguments
+checked before a model loads, a light `import t2r` that still registers the converted classes with transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import t2r
+import t2r.cli
+
+SRC = str(Path(t2r.__file__).resolve().parents[1])
+EXIT_USAGE = 2
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """`python -c CODE` in a fresh process that imports this checkout's t2r."""
+    env = {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = t2r.cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_of_every_command_imports_neither_torch_nor_transformers():
+    proc = run_python(
+        "import sys, t2r.cli.app as app\n"
+        "parser = app.build_parser()\n"
+        "texts = [parser.format_help()] + [p.format_help() for p in parser._subparsers._group_actions[0].choices.values()]\n"
+        "assert all(texts)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_import_t2r_is_light_and_still_registers_with_transformers():
+    proc = run_python(
+        "import sys, t2r\n"
+        "assert 'torch' not in sys.modules\n"
+        "from transformers import AutoConfig\n"  # importing transformers registers t2r's classes
+        "config = AutoConfig.for_model('t2r_llama')\n"
+        "print(type(config).__name__, callable(t2r.convert), callable(t2r.save))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[1:] == ["True", "True"]
+
+
+def test_import_after_transformers_registers_at_once():
+    proc = run_python("import transformers, t2r\nprint(transformers.AutoConfig.for_model('t2r_gpt2').model_type)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "t2r_gpt2"
+
+
+def test_functions_keep_their_names_when_their_module_is_imported_first():
+    """`t2r.convert` is the function, as with the eager imports, even after `import t2r.convert` (the module)."""
+    proc = run_python("import t2r.convert, t2r.verify, t2r.generate, t2r.decode, t2r\n"
+                      "print(all(callable(f) and f.__module__ == 't2r.' + f.__name__ "
+                      "for f in (t2r.convert, t2r.verify, t2r.generate, t2r.decode)))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
+
+
+def test_public_api_names_resolve():
+    for name in t2r.__all__:
+        assert getattr(t2r, name) is not None, name
+    assert "convert" in dir(t2r)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        t2r.nope  # noqa: B018
+
+
+def test_version(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"t2r {t2r.__version__}"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["convert", "--feature-map", "hedgehgo"], ["hedgehgo", "hedgehog"]),
+    (["convert", "--feature-dim", "-3"], ["feature_dim"]),
+    (["convert", "--keep-softmax-layers", "0,x"], ["--keep-softmax-layers"]),
+    (["convert", "--mixer", "lstm"], ["lstm"]),
+    (["distill", "some/dir", "--tokens", "lots"], ["--tokens"]),
+    (["eval", "some/dir", "--ablate", "windw"], ["windw"]),
+    (["generate", "some/dir", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+])
+def test_arguments_checked_before_a_model_loads(capsys, monkeypatch, argv, words):
+    """A typo ends in one error line before any model (or tokenizer) is read."""
+    import t2r.persistence
+    import t2r.sources
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for module, name in [(t2r.sources, "load_model"), (t2r.persistence, "load"), (t2r.persistence, "load_tokenizer")]:
+        monkeypatch.setattr(module, name, no_loading)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == EXIT_USAGE, err
+    assert "Traceback" not in err and "AssertionError" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"t2r {argv[0]}: error:") and all(w in line for w in words), line
