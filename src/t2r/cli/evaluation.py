@@ -14,7 +14,7 @@ from ..bench import BenchSettings, parse_sizes
 from ..errors import T2RError
 from ..settings import Settings
 from ..tasks import AUSTEN_BLOCKS, TEXT_TASK
-from .models import load_with_teacher
+from .models import load_with_teacher, torch_dtype
 
 # what needs torch or transformers is imported inside the function that uses it: `t2r --help` does not wait for it
 
@@ -123,7 +123,7 @@ def _ablations(student, run, parts: str) -> dict:
 
 def eval_command(model: str, *, data: str = "austen", split: str = "heldout", context: str = "512",
                  text: str | None = None, teacher_model: str | None = None, options: EvalOptions = EvalOptions(),
-                 as_json: bool = False) -> dict:
+                 dtype: str = "float32", as_json: bool = False) -> dict:
     """Perplexity of a converted model beside its original (the teacher) on the same tokens; with --positions, loss
     by position over long held-out documents; with --ablate, also with a part of the converted model switched off.
 
@@ -139,6 +139,7 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
         teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
             model after full finetuning, which changes the weights the rebuilt original would use.
         options: how to evaluate.
+        dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
     from ..evaluate import SPLITS
@@ -147,10 +148,11 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
     if split not in SPLITS:
         raise T2RError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     context = parse_context(context)
+    weights_dtype = torch_dtype(dtype)
     if options.ablate and text is not None:
         raise T2RError("--ablate works on --data blocks or --positions documents, not with --text")
     start = time.perf_counter()
-    student, load_teacher, tokenizer = load_with_teacher(model)
+    student, load_teacher, tokenizer = load_with_teacher(model, dtype=dtype)
     if options.ablate and student is None:
         raise T2RError(f"--ablate switches off parts of a converted model; {model!r} is not one")
     if text is not None:
@@ -162,7 +164,7 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
     result = {"model": model, **source, "context": context}
     if teacher_model is not None:
         log.info("evaluating the teacher %s", teacher_model)
-        result.update(teacher=run(load_model(teacher_model)[0], "teacher"), teacher_model=teacher_model)
+        result.update(teacher=run(load_model(teacher_model, dtype=weights_dtype)[0], "teacher"), teacher_model=teacher_model)
     elif options.teacher or student is None:
         log.info("evaluating the original model")
         result["teacher"] = run(load_teacher(), "teacher")
@@ -248,7 +250,7 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
 
 def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot: str | None = None,
                   out_json: str | None = None, threads: int | None = None, device: str = "cpu",
-                  as_json: bool = False) -> dict:
+                  dtype: str = "float32", as_json: bool = False) -> dict:
     """Measure decode speed, prefill speed and memory of a converted model against its original.
 
     Args:
@@ -258,6 +260,7 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
         out_json: write the full result as JSON to this file.
         threads: torch CPU threads (default: torch's own choice).
         device: torch device to run on, e.g. cpu or cuda.
+        dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
     import torch
@@ -270,7 +273,7 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
         raise T2RError(f"--threads must be >= 1, got {threads}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
-    converted = load(model)
+    converted = load(model, dtype=torch_dtype(dtype))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:

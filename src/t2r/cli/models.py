@@ -17,10 +17,20 @@ log = logging.getLogger("t2r")
 
 
 DEMO_PROMPT = "It is a truth universally acknowledged"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """"bfloat16" -> torch.bfloat16; an unknown name stops before any model is loaded."""
+    if name not in DTYPES:
+        raise T2RError(f"--dtype is one of {', '.join(DTYPES)}, got {name!r}")
+    import torch
+
+    return getattr(torch, name)
 
 
 def convert_command(model: str | None = None, *, options: ConvertSettings | None = None,
-                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False,
+                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False, dtype: str = "float32",
                     as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
@@ -30,18 +40,21 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
         out: directory to write the converted model to (safetensors + JSON, written atomically).
         overwrite: replace --out if it already holds a t2r model.
+        dtype: load and save the model's weights in float32, bfloat16 (half the disk) or float16; the new feature
+            maps stay float32.
         as_json: print the result as JSON.
     """
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
     options = options or ConvertSettings()
+    weights_dtype = torch_dtype(dtype)
     from ..attention import is_conversion_parameter
     from ..convert import convert, count_linear_layers, reinitialize
     from ..persistence import save
     from ..sources import load_model
 
     start = time.perf_counter()
-    hf_model, tokenizer, source = load_model(model)
+    hf_model, tokenizer, source = load_model(model, dtype=weights_dtype)
     if init == "random":
         reinitialize(hf_model, seed=options.seed)
     recipe = options.recipe()
@@ -57,26 +70,27 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def load_converted(path: str, *, need_tokenizer: bool = True):
-    """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops."""
+def load_converted(path: str, *, need_tokenizer: bool = True, dtype: str = "float32"):
+    """(model, tokenizer) of a converted directory, its weights in `dtype` (a name of DTYPES); without tokenizer
+    files a command that needs them stops."""
     from ..persistence import load, load_tokenizer
 
     log.info("loading %s", path)
-    model, tokenizer = load(path), load_tokenizer(path)
+    model, tokenizer = load(path, dtype=torch_dtype(dtype)), load_tokenizer(path)
     if tokenizer is None and need_tokenizer:
         raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
 
 
-def load_any(model: str):
+def load_any(model: str, *, dtype: str = "float32"):
     """(model, tokenizer): a converted directory with `t2r.load`, anything else (GGUF file, HF directory, hub id)
     through `t2r.sources`; a tokenizer is required."""
     from ..persistence import is_t2r_dir
     from ..sources import load_model
 
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        return load_converted(model)
-    loaded, tokenizer, _ = load_model(model)
+        return load_converted(model, dtype=dtype)
+    loaded, tokenizer, _ = load_model(model, dtype=torch_dtype(dtype))
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
     return loaded, tokenizer
@@ -110,30 +124,33 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
             "state_bytes": result.state_bytes}
 
 
-def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json: bool = False) -> dict:
+def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, dtype: str = "float32",
+                   as_json: bool = False) -> dict:
     """Check that the parallel, chunked and recurrent forms give the same logits (exit code 1 if not).
 
     Args:
         model: directory of a converted model.
         tokens: sequence length to check.
         prefill: tokens processed in one chunked call before token-by-token decoding.
+        dtype: check the model in float32, bfloat16 or float16 (the bound follows the dtype: see `t2r.verify`).
         as_json: print the report as JSON.
     """
+    torch_dtype(dtype)
     from ..verify import verify
 
-    hf_model, _ = load_converted(model, need_tokenizer=False)
+    hf_model, _ = load_converted(model, need_tokenizer=False, dtype=dtype)
     report = verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
     return report
 
 
-def load_with_teacher(model: str):
+def load_with_teacher(model: str, *, dtype: str = "float32"):
     """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
     its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
     alone (`eval`, `recall`)."""
     from ..adapters import is_converted, original_model
 
-    loaded, tokenizer = load_any(model)
+    loaded, tokenizer = load_any(model, dtype=dtype)
     if is_converted(loaded):
         return loaded, lambda: original_model(loaded), tokenizer
     return None, lambda: loaded, tokenizer

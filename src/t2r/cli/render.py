@@ -119,7 +119,10 @@ def render(command: str, r: dict) -> str:
                 f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")
     if command == "verify":
         lines = [f"{k}: {v:.3g}" for k, v in r.items() if "max_rel_err" in k]
-        bounds = f"tolerance {r['tolerance']} in {r['dtype']}" + (
+        factor = r.get("rounding_factor", 0)
+        rounding = (f" = {factor:g} x the {r['dtype']} rounding error {r['dtype_rounding_error']:.3g} of this model"
+                    if factor and factor * r["dtype_rounding_error"] >= r["tolerance"] else "")
+        bounds = f"tolerance {r['tolerance']:.3g}{rounding} in {r['dtype']}" + (
             f", {r['exact_tolerance']} in float64" if "exact_tolerance" in r else "")
         return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
     if command == "data":
