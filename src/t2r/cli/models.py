@@ -96,32 +96,64 @@ def load_any(model: str, *, dtype: str = "float32"):
     return loaded, tokenizer
 
 
-def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, sample: bool = False,
+def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, chat: bool = False,
+                     raw: bool = False, system: str | None = None, stream: bool = True, sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                     as_json: bool = False) -> dict:
-    """Generate text with a converted model: chunked prefill, then one recurrent step per token.
+                     dtype: str = "float32", as_json: bool = False) -> dict:
+    """Generate text with a converted model: chunked prefill, then one recurrent step per token. A model whose
+    tokenizer has a chat template (an Instruct model, like the default SmolLM2) is asked the prompt as a user's
+    message and answers it; --raw continues the prompt as plain text instead.
 
     Args:
         model: directory of a converted model (from `t2r convert`).
-        prompt: text to continue.
+        prompt: the user's message (chat), or the text to continue (--raw).
         max_new_tokens: number of tokens to generate.
+        chat: require the chat template (an error if the tokenizer has none); the default uses it when there is one.
+        raw: continue the prompt as plain text, without the chat template.
+        system: a system message for the chat template.
+        stream: print the text as it is generated (not with --json).
         sample: sample instead of greedy decoding.
         temperature: sampling temperature (with --sample).
         top_p: nucleus sampling mass (with --sample).
         top_k: keep only the k most likely tokens (with --sample; 0 = off).
         seed: random seed for sampling.
+        dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
         as_json: print the result as JSON.
     """
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if chat and raw:
+        raise T2RError("--chat and --raw exclude each other: give one")
+    if system is not None and raw:
+        raise T2RError("--system is a message of the chat template: leave out --raw")
+    torch_dtype(dtype)
+    from ..chat import Chat, has_chat_template
     from ..generate import Sampling, generate
 
     sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    hf_model, tokenizer = load_converted(model)
-    result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
-    return {"prompt": prompt, "text": result.texts[0], "new_tokens": result.new_tokens,
-            "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
-            "state_bytes": result.state_bytes}
+    hf_model, tokenizer = load_converted(model, dtype=dtype)
+    use_chat = not raw and (chat or has_chat_template(tokenizer))
+    streaming = stream and not as_json
+    if use_chat:
+        talk = Chat(hf_model, tokenizer, system=system, max_new_tokens=max_new_tokens, sampling=sampling)
+        reply = talk.say(prompt, streamer=text_streamer(tokenizer) if streaming else None)
+        text, new_tokens, seconds, state_bytes = reply.text, reply.new_tokens, reply.seconds, reply.state_bytes
+    else:
+        if streaming:
+            print(prompt, end="", flush=True)
+        result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                          streamer=text_streamer(tokenizer) if streaming else None)
+        text, new_tokens, seconds, state_bytes = result.texts[0], result.new_tokens, result.seconds, result.state_bytes
+    return {"prompt": prompt, "chat": bool(use_chat), "text": text, "streamed": streaming, "new_tokens": new_tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
+            "state_bytes": state_bytes}
+
+
+def text_streamer(tokenizer):
+    """HF's streamer that prints the new text to stdout as it comes (the prompt and special tokens left out)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, dtype: str = "float32",

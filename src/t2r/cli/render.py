@@ -22,6 +22,15 @@ def render_distill(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_chat(r: dict) -> str:
+    """The line `t2r chat` ends with (the replies were printed as they came)."""
+    turns = r["turns"]
+    new = sum(t["new_tokens"] for t in turns)
+    seconds = sum(t["seconds"] for t in turns)
+    return (f"[{len(turns)} turn(s), {new} tokens in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} tokens/s), "
+            f"state {fmt_bytes(r['state_bytes'])} after the last turn]")
+
+
 def render_finetune(r: dict) -> str:
     """Human-readable text for `t2r finetune`."""
     how = f"LoRA rank {r['lora']} (merged)" if r["lora"] else "full finetuning"
@@ -115,8 +124,11 @@ def render(command: str, r: dict) -> str:
                 f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
                 f"{r['seconds']} s")
     if command == "generate":
-        return (f"{r['prompt']}{r['text']}\n\n[{r['new_tokens']} tokens in {r['seconds']} s, "
+        shown = "" if r.get("streamed") else (r["text"] if r.get("chat") else f"{r['prompt']}{r['text']}") + "\n"
+        return (f"{shown}\n[{r['new_tokens']} tokens in {r['seconds']} s, "
                 f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")
+    if command == "chat":
+        return render_chat(r)
     if command == "verify":
         lines = [f"{k}: {v:.3g}" for k, v in r.items() if "max_rel_err" in k]
         factor = r.get("rounding_factor", 0)
@@ -124,6 +136,9 @@ def render(command: str, r: dict) -> str:
                     if factor and factor * r["dtype_rounding_error"] >= r["tolerance"] else "")
         bounds = f"tolerance {r['tolerance']:.3g}{rounding} in {r['dtype']}" + (
             f", {r['exact_tolerance']} in float64" if "exact_tolerance" in r else "")
+        if r.get("dtype_too_coarse"):
+            lines.append(f"note: in {r['dtype']} this model's logits differ from its float32 logits by "
+                         f"{r['dtype_rounding_error']:.3g} (relative): {r['dtype']} is too coarse for it; use float32")
         return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
     if command == "data":
         return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "
