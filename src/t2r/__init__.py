@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(["FEATURE_MAPS", "build_feature_map"], ".feature_maps"), "MIXERS": ".mixers",
     **dict.fromkeys(["RecurrentCache", "cache_bytes", "supported_model_types"], ".adapters"),
-    "drop_dequantized_quantizer": ".adapters.base", **dict.fromkeys(["convert", "keep_softmax"], ".convert"),
+    "drop_dequantized_quantizer": ".adapters.base", "Chat": ".chat",
+    **dict.fromkeys(["convert", "keep_softmax"], ".convert"),
     "decode": ".decode", "T2RError": ".errors", **dict.fromkeys(["Sampling", "generate", "new_cache"], ".generate"),
     **dict.fromkeys(["load", "save"], ".persistence"), "Recipe": ".recipe", "verify": ".verify",
 }
