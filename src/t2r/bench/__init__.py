@@ -6,7 +6,7 @@ from ..lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["copy_cache", "peak_rss_bytes", "predict_seconds", "run_bench", "weight_floor_ms"], ".measure"),
-    **dict.fromkeys(["plot_bench", "ratios", "render_bench", "targets"], ".report"),
+    **dict.fromkeys(["plot_bench", "ratios", "render_bench", "render_targets", "summary", "targets"], ".report"),
     **dict.fromkeys(["BenchSettings", "parse_sizes"], ".settings"),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
