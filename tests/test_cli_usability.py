@@ -105,3 +105,28 @@ def test_arguments_checked_before_a_model_loads(capsys, monkeypatch, argv, words
     assert "Traceback" not in err and "AssertionError" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"t2r {argv[0]}: error:") and all(w in line for w in words), line
+
+
+# ------------------------------------------------------------------------------------------------------- packaging
+
+def test_rdata_is_an_extra_and_the_austen_corpus_says_how_to_get_it(monkeypatch, tmp_path):
+    import importlib.util
+    import tomllib
+
+    from t2r import corpora
+    from t2r.errors import DataError
+
+    project = tomllib.loads((Path(SRC).parent / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("rdata") for d in project["dependencies"])
+    assert any(d.startswith("rdata") for d in project["optional-dependencies"]["corpora"])
+    assert project["license"] == "Apache-2.0"  # an SPDX string: no setuptools deprecation warning
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rdata" else real_find_spec(
+        name, *a))
+    with pytest.raises(DataError, match=r"pip install 't2r\[corpora\]'"):
+        corpora._austen(tmp_path)
+
+
+def test_help_names_the_default_model_alias(capsys):
+    code, out, _ = run_cli(capsys, "convert", "--help")
+    assert code == 0 and "smollm2" in out and "gemma3-270m" in out

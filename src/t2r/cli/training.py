@@ -23,7 +23,7 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
     Args:
         source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix.
         out: directory to write train.safetensors, heldout.safetensors and meta.json to.
-        model: model whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct).
+        model: model whose tokenizer to use (default: smollm2, the embedded SmolLM2-135M-Instruct).
         block_size: tokens per block.
         as_json: print the summary as JSON.
     """
