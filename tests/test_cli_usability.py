@@ -130,3 +130,35 @@ def test_rdata_is_an_extra_and_the_austen_corpus_says_how_to_get_it(monkeypatch,
 def test_help_names_the_default_model_alias(capsys):
     code, out, _ = run_cli(capsys, "convert", "--help")
     assert code == 0 and "smollm2" in out and "gemma3-270m" in out
+
+
+# ------------------------------------------------------------------------------------------------ training output
+
+def test_quiet_also_quiets_transformers_bars(tmp_path, tiny_model_dir):
+    """-q: no progress bar of transformers' (loading, writing shards) on stderr, only the result on stdout."""
+    args = ["convert", str(tiny_model_dir), "--feature-map", "t2r", "--feature-dim", "8"]
+    env = {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    loud = subprocess.run([sys.executable, "-m", "t2r", *args, "--out", str(tmp_path / "a")], capture_output=True,
+                          text=True, env=env, check=False)
+    quiet = subprocess.run([sys.executable, "-m", "t2r", "-q", *args, "--out", str(tmp_path / "b")],
+                           capture_output=True, text=True, env=env, check=False)
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    assert "%|" in loud.stderr  # a bar without -q (the check below means something)
+    assert "%|" not in quiet.stderr and "t2r:" not in quiet.stderr
+    assert quiet.stdout.startswith("converted ")
+
+
+def test_training_bar_names_each_phase(tmp_path, capsys, tiny_converted_dir):
+    """The progress bar says when it is evaluating (before, during, after training) and when it is training."""
+    from t2r.cli.training import distill_command
+    from t2r.train.settings import DistillSettings
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
+    distill_command(str(tiny_converted_dir), data=str(text), options=DistillSettings(tokens="1k", eval_blocks=1,
+                                                                                      eval_every=8),
+                    out=str(tmp_path / "o"), block_size=64, progress=True)
+    err = capsys.readouterr().err
+    for phase in ("before training", "at step 8", "after training"):
+        assert f"held-out evaluation ({phase})" in err, phase
+    assert "training:" in err

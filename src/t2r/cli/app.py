@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quiet:  # transformers' bars too (loading, saving): read when it is imported, after this
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     fn = args._fn
     try:
         kwargs = call_arguments(fn, vars(args), extra)
