@@ -148,17 +148,23 @@ def test_quiet_also_quiets_transformers_bars(tmp_path, tiny_model_dir):
     assert quiet.stdout.startswith("converted ")
 
 
-def test_training_bar_names_each_phase(tmp_path, capsys, tiny_converted_dir):
+def test_training_labels_each_phase_and_plots_its_loss(tmp_path, capsys, tiny_converted_dir):
     """The progress bar says when it is evaluating (before, during, after training) and when it is training."""
     from t2r.cli.training import distill_command
     from t2r.train.settings import DistillSettings
 
     text = tmp_path / "corpus.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
-    distill_command(str(tiny_converted_dir), data=str(text), options=DistillSettings(tokens="1k", eval_blocks=1,
-                                                                                      eval_every=8),
-                    out=str(tmp_path / "o"), block_size=64, progress=True)
+    r = distill_command(str(tiny_converted_dir), data=str(text), options=DistillSettings(
+        tokens="1k", eval_blocks=1, eval_every=8), out=str(tmp_path / "o"), block_size=64, progress=True)
     err = capsys.readouterr().err
     for phase in ("before training", "at step 8", "after training"):
         assert f"held-out evaluation ({phase})" in err, phase
     assert "training:" in err
+    assert ".export" not in err  # no internal staging folder in the log
+    # the run's loss plot: training loss and the three held-out evaluations
+    assert r["plot"] == str(tmp_path / "o" / "loss.png")
+    assert (tmp_path / "o" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from t2r.cli.render import render_distill
+
+    assert render_distill(r).endswith(f"loss plot: {r['plot']}")

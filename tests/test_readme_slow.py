@@ -63,3 +63,4 @@ def test_readme_usage_block_runs_as_written(tmp_path):
     assert "OK (" in proc.stdout  # verify
     assert "converted / original perplexity" in proc.stdout  # eval
     assert "turn(s)" in proc.stdout  # chat
+    assert "## Training curves" in (tmp_path / "runs/demo-small/report.md").read_text()

@@ -36,7 +36,7 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved %s", out)
+    log.debug("saved %s", out)  # the caller says where it saved (a staging folder is no news to a user)
     return out
 
 

@@ -19,7 +19,7 @@ def render_distill(r: dict) -> str:
     lines = [f"distilled {r['model']} on {r['data']} -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
              f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))",
              _eval_line("before", r.get("eval_before")), _eval_line("after ", r.get("eval_after"))]
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"loss plot: {r['plot']}"] if r.get("plot") else []))
 
 
 def render_chat(r: dict) -> str:
@@ -40,7 +40,8 @@ def render_finetune(r: dict) -> str:
     fmt = lambda e: f"{e['ppl']:.2f}" if e else "-"  # noqa: E731
     return (f"finetuned {r['model']} on {r['data']} ({how}) -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))\n"
-            f"held-out perplexity: before {fmt(before)}, after {fmt(after)}")
+            f"held-out perplexity: before {fmt(before)}, after {fmt(after)}"
+            + (f"\nloss plot: {r['plot']}" if r.get("plot") else ""))
 
 
 def render_pipeline(r: dict) -> str:

@@ -49,6 +49,7 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .config import BlockStream, TrainConfig, lr_factor
+from .plot import plot_metrics
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,9 @@ class Trainer:
                    "eval_before": self.eval_before, "eval_after": eval_after}
         if acc.is_main_process:
             self._export()
+            plot = plot_metrics(self.out, title=str(self.out))
+            if plot is not None:
+                summary["plot"] = str(plot)
             write_json(self.out / SUMMARY, summary)
             for name in (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.partial"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
