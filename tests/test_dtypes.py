@@ -121,3 +121,13 @@ def test_cli_dtype(capsys, tiny_model_dir, tmp_path):
     assert code == 0 and "in bfloat16" in stdout.splitlines()[-1]
     code, stdout, err = run_cli(capsys, "eval", out, "--data", tmp_path / "none.txt", "--dtype", "float8")
     assert code == 2 and "--dtype is one of float32, bfloat16, float16" in err
+
+
+def test_verify_says_when_a_dtype_is_too_coarse_for_the_model():
+    from t2r.cli.render import render
+
+    report = {"max_rel_err_recurrent_vs_full": 1.1, "dtype": "bfloat16", "dtype_rounding_error": 2.2,
+              "rounding_factor": 2.0, "tolerance": 4.4, "dtype_too_coarse": True, "ok": True}
+    text = render("verify", report)
+    assert "bfloat16 is too coarse for it; use float32" in text
+    assert "tolerance 4.4 = 2 x the bfloat16 rounding error 2.2 of this model" in text.splitlines()[-1]

@@ -11,10 +11,10 @@ rounded to 16 bits), and those differences grow through the depth as the dtype's
 bound is the larger of 3e-2 and twice the error the dtype itself makes on this model: the relative difference
 between the model's full forward and the same forward of a float32 copy (`dtype_rounding_error` in the report). A
 form whose error exceeds what the dtype costs anyway is numerically unstable; one within it is rounding. Where that
-rounding error itself passes COARSE (10%: a freshly converted SmolLM2 differs from its float32 self by 2.2 in bfloat16
-and 0.29 in float16 on random tokens, each layer amplifying the rounding), the report says the dtype is too coarse
-for the model (`dtype_too_coarse`): its forms agree as far as the dtype can tell, and the float64 run carries the
-check.
+rounding error itself passes COARSE (0.25, three times what bfloat16 costs the original SmolLM2-135M on this check,
+0.08; a freshly converted SmolLM2 differs from its float32 self by 2.2 in bfloat16 and 0.29 in float16 on random
+tokens, each layer amplifying the rounding), the report says the dtype is too coarse for the model
+(`dtype_too_coarse`): its forms agree as far as the dtype can tell, and the float64 run carries the check.
 
 The model is checked in eval mode (dropout off: GPT-2's would make two forward passes differ) and left in the mode it
 was in."""
@@ -33,7 +33,7 @@ EXACT_TOLERANCE = 1e-6  # float64
 TOLERANCES = {torch.float64: EXACT_TOLERANCE, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 ROUNDING_FACTOR = 2.0  # a 16-bit model's bound: this many times the dtype's own error on the model (see above)
-COARSE = 0.1  # a dtype whose own error on the model is above this is too coarse to run it (see above)
+COARSE = 0.25  # a dtype whose own error on the model is above this is too coarse to run it (see above)
 CHECKS = ("chunk_vs_quadratic", "recurrent_vs_full", "padded_vs_alone")
 
 
