@@ -149,3 +149,14 @@ def test_chat_without_a_template_stops_before_loading_the_model(capsys, monkeypa
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     code, out, err = run_cli(capsys, "chat", raw_dir)
     assert code == 2 and "without a chat template" in err and f"t2r generate {raw_dir} --raw" in err
+
+
+def test_sampling_flags_reach_the_chat(capsys, chat_dir):
+    argv = ["generate", chat_dir, "--prompt", "hi", "--max-new-tokens", 6, "--sample", "--temperature", "0.7",
+            "--top-k", 20, "--seed", 3, "--json"]
+    first, second = (json.loads(run_cli(capsys, *argv)[1])["text"] for _ in range(2))
+    assert first == second  # seeded
+    greedy = json.loads(run_cli(capsys, *argv[:6], "--json")[1])["text"]
+    assert first != greedy or len(first) == 0
+    code, _, err = run_cli(capsys, *argv[:6], "--temperature", "0")
+    assert code == 2 and "--temperature" in err

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from ..errors import T2RError
-from .models import load_converted, text_streamer, torch_dtype
+from .models import SamplingSettings, load_converted, text_streamer, torch_dtype
 
 log = logging.getLogger("t2r")
 
@@ -15,8 +15,7 @@ RESET_WORD = "/reset"
 
 
 def chat_command(model: str, *, system: str | None = None, max_new_tokens: int = 256, stream: bool = True,
-                 sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 dtype: str = "float32", as_json: bool = False) -> dict:
+                 options: SamplingSettings | None = None, dtype: str = "float32", as_json: bool = False) -> dict:
     """Chat with a converted model through its tokenizer's chat template: each line read from stdin is a user's
     message, and the reply is printed as it is generated. The recurrent state is carried from turn to turn, so a
     turn reads only its own tokens and the state keeps its size. /reset starts over, /exit (or the end of the input,
@@ -27,11 +26,7 @@ def chat_command(model: str, *, system: str | None = None, max_new_tokens: int =
         system: a system message.
         max_new_tokens: the longest reply, in tokens.
         stream: print each reply as it is generated (not with --json).
-        sample: sample instead of greedy decoding.
-        temperature: sampling temperature (with --sample).
-        top_p: nucleus sampling mass (with --sample).
-        top_k: keep only the k most likely tokens (with --sample; 0 = off).
-        seed: random seed for sampling.
+        options: how each token is picked: greedy, or sampled.
         dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
         as_json: print the conversation as JSON at the end instead of each reply as it comes.
     """
@@ -39,10 +34,9 @@ def chat_command(model: str, *, system: str | None = None, max_new_tokens: int =
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     torch_dtype(dtype)
     from ..chat import Chat, has_chat_template
-    from ..generate import Sampling
     from ..persistence import load_tokenizer
 
-    sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = (options or SamplingSettings()).sampling()
     tokenizer = load_tokenizer(model)
     if tokenizer is not None and not has_chat_template(tokenizer):  # before minutes of loading the model
         raise T2RError(f"{model!r} has a tokenizer without a chat template: use `t2r generate {model} --raw`")

@@ -9,8 +9,11 @@ import logging
 import time
 from pathlib import Path
 
+from pydantic import Field
+
 from ..errors import T2RError
 from ..recipe import INITS
+from ..settings import Settings
 from ..stages.recipes import ConvertSettings
 
 log = logging.getLogger("t2r")
@@ -18,6 +21,22 @@ log = logging.getLogger("t2r")
 
 DEMO_PROMPT = "It is a truth universally acknowledged"
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SamplingSettings(Settings):
+    """How `t2r generate` and `t2r chat` pick each token (greedy unless --sample); `t2r.generate.Sampling`."""
+
+    sample: bool = Field(False, description="sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (with --sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (with --sample).")
+    top_k: int = Field(0, ge=0, description="keep only the k most likely tokens (with --sample; 0 = off).")
+    seed: int = Field(0, description="random seed for sampling.")
+
+    def sampling(self):
+        from ..generate import Sampling
+
+        return Sampling(do_sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                        seed=self.seed)
 
 
 def torch_dtype(name: str):
@@ -98,9 +117,8 @@ def load_any(model: str, *, dtype: str = "float32"):
 
 
 def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, chat: bool = False,
-                     raw: bool = False, system: str | None = None, stream: bool = True, sample: bool = False,
-                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                     dtype: str = "float32", as_json: bool = False) -> dict:
+                     raw: bool = False, system: str | None = None, stream: bool = True,
+                     options: SamplingSettings | None = None, dtype: str = "float32", as_json: bool = False) -> dict:
     """Generate text with a converted model: chunked prefill, then one recurrent step per token. A model whose
     tokenizer has a chat template (an Instruct model, like the default SmolLM2) is asked the prompt as a user's
     message and answers it; --raw continues the prompt as plain text instead.
@@ -113,11 +131,7 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
         raw: continue the prompt as plain text, without the chat template.
         system: a system message for the chat template.
         stream: print the text as it is generated (not with --json).
-        sample: sample instead of greedy decoding.
-        temperature: sampling temperature (with --sample).
-        top_p: nucleus sampling mass (with --sample).
-        top_k: keep only the k most likely tokens (with --sample; 0 = off).
-        seed: random seed for sampling.
+        options: how each token is picked: greedy, or sampled.
         dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
         as_json: print the result as JSON.
     """
@@ -129,9 +143,9 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
         raise T2RError("--system is a message of the chat template: leave out --raw")
     torch_dtype(dtype)
     from ..chat import Chat, has_chat_template
-    from ..generate import Sampling, generate
+    from ..generate import generate
 
-    sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = (options or SamplingSettings()).sampling()
     hf_model, tokenizer = load_converted(model, dtype=dtype)
     use_chat = not raw and (chat or has_chat_template(tokenizer))
     streaming = stream and not as_json

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import T2RError
-from .models import load_with_teacher, torch_dtype
+from .models import load_with_teacher
 
 log = logging.getLogger("t2r")
 
@@ -18,7 +18,7 @@ CELL_KEYS = {"passkey": ("length", "depth"), "mqar": ("pairs",)}
 
 def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4k", depths: str = "0,0.25,0.5,0.75,1",
            pairs: str = "8,32,128", samples: int = 20, teacher: bool = True, plot: str | None = None, seed: int = 0,
-           dtype: str = "float32", as_json: bool = False) -> dict:
+           as_json: bool = False) -> dict:
     """Synthetic recall of a converted model beside its original: passkey retrieval or multi-query associative recall.
 
     The samples are generated from the seed with the model's tokenizer (no download). Each query is scored by
@@ -35,21 +35,19 @@ def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4
         teacher: also run the original softmax model rebuilt from the converted model's weights.
         plot: write a PNG (passkey: length x depth heat maps side by side; mqar: accuracy vs pairs); needs matplotlib.
         seed: seed of the generated samples.
-        dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
     import torch
 
     from ..recall import RecallSettings, parse_depths, parse_lengths, parse_pairs, plot_recall, run_recall
 
-    torch_dtype(dtype)  # a bad name stops here, before the model loads
     settings = RecallSettings(task=task, lengths=parse_lengths(lengths), depths=parse_depths(depths),
                               pairs=parse_pairs(pairs), samples=samples, seed=seed)
     if not (Path(model).exists() or model.count("/") <= 1):
         raise T2RError(f"no such model directory or file: {model!r}")
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student, load_teacher, tokenizer = load_with_teacher(model, dtype=dtype)
+    student, load_teacher, tokenizer = load_with_teacher(model)
     result = {"model": model, "task": task, "which": "converted" if student is not None else "plain",
               "device": str(device), "chance": 1.0 / (settings.distractors + 1), "settings": settings.to_dict()}
     if student is not None:
