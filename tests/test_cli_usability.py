@@ -107,6 +107,23 @@ def test_arguments_checked_before_a_model_loads(capsys, monkeypatch, argv, words
     assert line.startswith(f"t2r {argv[0]}: error:") and all(w in line for w in words), line
 
 
+
+@pytest.mark.parametrize("model, flags, words", [
+    ("tiny", ["--keep-softmax-layers", "0,7"], ["[7] out of range", "0..2"]),
+    ("tiny", ["--convert-layers", "1,5"], ["--convert-layers [5] out of range", "0..2"]),
+    (None, ["--keep-softmax-layers", "0,40"], ["[40] out of range", "0..29"]),  # the GGUF header: 30 layers
+])
+def test_layer_lists_checked_against_the_config_before_the_weights_load(capsys, monkeypatch, tiny_model_dir, model,
+                                                                         flags, words):
+    import t2r.sources
+
+    monkeypatch.setattr(t2r.sources, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    argv = ["convert", *([str(tiny_model_dir)] if model == "tiny" else []), *flags, "--out", "unused"]
+    code, _, err = run_cli(capsys, *argv)
+    line = err.strip().splitlines()[-1]
+    assert code == EXIT_USAGE and line.startswith("t2r convert: error:") and all(w in line for w in words), line
+
+
 # ------------------------------------------------------------------------------------------------------- packaging
 
 def test_rdata_is_an_extra_and_the_austen_corpus_says_how_to_get_it(monkeypatch, tmp_path):

@@ -71,9 +71,10 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
     from ..attention import is_conversion_parameter
     from ..convert import convert, count_linear_layers, reinitialize
     from ..persistence import save
-    from ..sources import load_model
+    from ..sources import layer_count, load_model
 
     start = time.perf_counter()
+    check_layers(options, layer_count(model))  # a layer that is not there: said before the weights load
     hf_model, tokenizer, source = load_model(model, dtype=weights_dtype)
     if init == "random":
         reinitialize(hf_model, seed=options.seed)
@@ -88,6 +89,16 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
             "parameters_added": sum(p.numel() for n, p in converted.named_parameters()
                                     if is_conversion_parameter(n)),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def check_layers(options: ConvertSettings, num_layers: int | None) -> None:
+    """--keep-softmax-layers and --convert-layers indices against the model's number of layers (when known)."""
+    if num_layers is None:
+        return
+    options.recipe().check_layers(num_layers)
+    chosen = [int(i) for i in options.convert_layers.split(",")] if options.convert_layers[0].isdigit() else []
+    if bad := [i for i in chosen if i >= num_layers]:
+        raise T2RError(f"--convert-layers {bad} out of range: the model has layers 0..{num_layers - 1}")
 
 
 def load_converted(path: str, *, need_tokenizer: bool = True, dtype: str = "float32"):
