@@ -16,9 +16,10 @@ RESET_WORD = "/reset"
 
 def chat_command(model: str, *, system: str | None = None, max_new_tokens: int = 256, stream: bool = True,
                  options: SamplingSettings | None = None, dtype: str = "float32", as_json: bool = False) -> dict:
-    """Chat with a converted model through its tokenizer's chat template: each line read from stdin is a user's
-    message, and the reply is printed as it is generated. The recurrent state is carried from turn to turn, so a
-    turn reads only its own tokens and the state keeps its size. /reset starts over, /exit (or the end of the input,
+    """Chat with a converted model: each line of stdin is a message, each reply is printed as it is generated.
+
+    The tokenizer's chat template frames the conversation. The recurrent state is carried from turn to turn, so a turn
+    reads only its own tokens and the state keeps its size. /reset starts over, /exit (or the end of the input,
     Ctrl-D) ends.
 
     Args:

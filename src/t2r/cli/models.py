@@ -130,9 +130,10 @@ def load_any(model: str, *, dtype: str = "float32"):
 def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, chat: bool = False,
                      raw: bool = False, system: str | None = None, stream: bool = True,
                      options: SamplingSettings | None = None, dtype: str = "float32", as_json: bool = False) -> dict:
-    """Generate text with a converted model: chunked prefill, then one recurrent step per token. A model whose
-    tokenizer has a chat template (an Instruct model, like the default SmolLM2) is asked the prompt as a user's
-    message and answers it; --raw continues the prompt as plain text instead.
+    """Generate text with a converted model: chunked prefill, then one recurrent step per token.
+
+    A model whose tokenizer has a chat template (an Instruct model, like the default SmolLM2) is asked the prompt as a
+    user's message and answers it; --raw continues the prompt as plain text instead.
 
     Args:
         model: directory of a converted model (from `t2r convert`).
