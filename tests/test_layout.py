@@ -19,6 +19,11 @@ PARAMETER_EXEMPT = ("ops/",)
 # Imported where they are used: optional extras, or heavy and needed by one command only.
 LOCAL_IMPORTS_ALLOWED = {"lm_eval", "peft", "matplotlib", "psutil", "torch.utils.tensorboard", "datasets", "rdata",
                          "fcntl", "yaml"}
+# `t2r --help` imports neither torch nor transformers (tests/test_cli_usability.py): the commands import what they
+# need when they run, and the few modules that describe their flags import the torch-backed part where it is used.
+LAZY_IMPORT_MODULES = ("cli/",)
+LAZY_IMPORTS = {"recipe.py": {".mixers"}, "stages/recipes.py": {"..feature_maps"}, "train/config.py": {"torch"},
+                "ablation.py": {".adapters", ".attention", ".recipe", ".rng"}}
 
 
 def modules() -> list[Path]:
@@ -57,6 +62,9 @@ def test_functions_are_short_and_take_few_parameters(path):
 
 @pytest.mark.parametrize("path", modules(), ids=_rel)
 def test_imports_are_at_the_top(path):
+    if _rel(path).startswith(LAZY_IMPORT_MODULES):
+        return
+    allowed = LOCAL_IMPORTS_ALLOWED | LAZY_IMPORTS.get(_rel(path), set())
     local = []
     for f in _functions(ast.parse(path.read_text())):
         for node in ast.walk(f):
@@ -66,7 +74,7 @@ def test_imports_are_at_the_top(path):
                 name = node.names[0].name
             else:
                 continue
-            if not any(name == m or name.startswith(m + ".") for m in LOCAL_IMPORTS_ALLOWED):
+            if not any(name == m or name.startswith(m + ".") for m in allowed):
                 local.append(f"{name} (line {node.lineno})")
     assert not local, f"function-local imports of non-optional modules: {local}"
 

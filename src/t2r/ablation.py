@@ -14,14 +14,12 @@ The model is changed in place inside the block and restored when it ends, howeve
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from .adapters import adapter_for
-from .attention import LinearAttention
 from .errors import T2RError
-from .recipe import Recipe
-from .rng import seeded
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PARTS = ("linear", "window", "gate", "softmax-layers")
 
@@ -29,6 +27,9 @@ PARTS = ("linear", "window", "gate", "softmax-layers")
 @contextmanager
 def ablated(model: nn.Module, part: str, *, seed: int = 0):
     """Inside the block, `model` runs with `part` switched off (see the module docstring)."""
+    from .adapters import adapter_for  # here: PARTS is read by `t2r eval --help`, which does not import torch
+    from .attention import LinearAttention
+
     if part not in PARTS:
         raise T2RError(f"unknown ablation {part!r}; choose one of: {', '.join(PARTS)}")
     adapter = adapter_for(model)
@@ -53,6 +54,9 @@ def ablated(model: nn.Module, part: str, *, seed: int = 0):
 
 def _fresh_linear(adapter, softmax: nn.Module, layer_idx: int, model: nn.Module, seed: int) -> nn.Module:
     """A linear attention module around a softmax layer's projections, with the model's recipe and new feature maps."""
+    from .recipe import Recipe
+    from .rng import seeded
+
     recipe = Recipe.from_dict(model.config.t2r)
     param = next(model.parameters())
     with seeded(seed + layer_idx):

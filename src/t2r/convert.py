@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -21,10 +22,14 @@ CONVERT_LAYERS = ("all", "global")  # besides explicit layer indices
 
 
 def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None = 0,
-            convert_layers: str | Iterable[int] = "all", **fields) -> nn.Module:
-    """Convert `model` in place and return it: still the same HF model (a subclass of its class), every attention
-    not listed in `keep_softmax_layers` replaced by linear attention that reuses the pretrained q/k/v/o projections.
-    The recipe is recorded in `model.config.t2r`, so `save_pretrained` / `t2r.load` rebuild it.
+            convert_layers: str | Iterable[int] = "all", inplace: bool = True, **fields) -> nn.Module:
+    """Convert `model` and return it: still the same HF model (a subclass of its class), every attention not listed
+    in `keep_softmax_layers` replaced by linear attention that reuses the pretrained q/k/v/o projections. The recipe
+    is recorded in `model.config.t2r`, so `save_pretrained` / `t2r.load` rebuild it.
+
+    `inplace=True` (the default) changes `model` itself (its class, config and attention modules) and returns it: the
+    original is gone (`t2r.adapters.original_model` rebuilds it from the converted weights). `inplace=False` converts
+    a copy and leaves `model` as it was (twice the memory while both exist).
 
     Give a `Recipe`, or its fields as keywords (`feature_map="hedgehog", feature_dim=64, mixer="window", window=64,
     keep_softmax_layers=(0, 15)`, ...; see `t2r.recipe.Recipe`), not both. `convert_layers` picks the layers to
@@ -36,6 +41,8 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     if recipe is not None and fields:
         raise RecipeError(f"give a Recipe or recipe fields, not both (got recipe and {', '.join(sorted(fields))})")
     recipe = recipe or Recipe.from_dict({k: v for k, v in fields.items() if v is not None})  # None: the default
+    if not inplace:
+        model = copy.deepcopy(model)
     adapter = adapter_for(model)
     recipe = with_layers_to_convert(recipe, adapter.layer_windows(model.config), convert_layers)
     param = next(model.parameters())

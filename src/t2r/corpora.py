@@ -95,7 +95,7 @@ def _load_hf(spec: str, text_field: str) -> list[str]:
     except ImportError as error:
         raise DataError(
             f"{spec!r} needs the 'datasets' package, which is not installed: "
-            "pip install datasets (and be online), or use a local text/.jsonl file"
+            "pip install 't2r[corpora]' (or pip install datasets; and be online), or use a local text/.jsonl file"
         ) from error
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -193,7 +193,8 @@ def _r_lazyload_object(rdb: bytes, offset: int, length: int):
 
 def _austen(cache_root: Path) -> list[str]:
     if importlib.util.find_spec("rdata") is None:
-        raise DataError("the 'austen' corpus is stored as R data: pip install rdata")
+        raise DataError("the built-in 'austen' corpus is stored as R data, read by the optional rdata package: "
+                        "pip install 't2r[corpora]' (or pip install rdata), or give a text file or folder")
     root = _debian_package("r-cran-janeaustenr", cache_root)
     data_dir = root / "usr/lib/R/site-library/janeaustenr/data"
     with warnings.catch_warnings():

@@ -23,3 +23,7 @@ class RecipeError(T2RError):
 
 class DataError(T2RError, ValueError):
     """A data source that cannot be read or turned into token blocks."""
+
+
+class TrainError(T2RError):
+    """A training run that cannot start or continue; the message says what to do."""

@@ -30,13 +30,11 @@ from .errors import T2RError
 from .io import write_text
 from .persistence import is_t2r_dir, load, load_tokenizer
 from .sources import load_model
+from .tasks import AUSTEN_BLOCKS, TASKS_DIR, TEXT_TASK  # noqa: F401  (TASKS_DIR: re-exported)
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).parent / "tasks"
-TEXT_TASK = "t2r_text"
 TEXT_ENV = "T2R_LM_EVAL_TEXT"
-AUSTEN_BLOCKS = 16  # held-out blocks of 512 tokens in the default text: about 8k tokens
 
 
 def require_lm_eval():

@@ -24,7 +24,8 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
     out = Path(out_dir)
     if out.exists():
         if not overwrite:
-            raise T2RError(f"{out} already exists: choose another --out or pass --overwrite")
+            raise T2RError(f"{out} already exists: save to another directory, or replace it with overwrite=True "
+                           "(on the command line: --overwrite)")
         if not (out.is_dir() and is_t2r_dir(out)):
             raise T2RError(f"{out} exists and is not a t2r model directory: refusing to replace it")
     tmp = private_dir_beside(out)
@@ -35,7 +36,7 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved %s", out)
+    log.debug("saved %s", out)  # the caller says where it saved (a staging folder is no news to a user)
     return out
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import RecipeError
-from .mixers import MIXERS
 
 RECIPE_VERSION = 2  # 2: `mixer` and `mixer_options` (a version-1 recipe means mixer = window if window else linear)
 INITS = ("pretrained", "random")  # where the weights of a model to convert come from (`t2r.convert.reinitialize`)
@@ -56,6 +55,8 @@ class Recipe:
             raise RecipeError(f"keep_softmax_layers must be layer indices >= 0, got {self.keep_softmax_layers}")
         if not self.eps > 0:
             raise RecipeError(f"eps must be > 0, got {self.eps!r}")
+        from .mixers import MIXERS  # here: the command line builds recipes before it needs torch
+
         MIXERS.get(self.mixer).check_recipe(self)  # an unknown name raises with the known ones
 
     def check_layers(self, num_layers: int) -> None:

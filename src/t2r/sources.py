@@ -140,6 +140,45 @@ def model_type_of(source: ModelSource) -> str:
 
 GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
 GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def layer_count(spec: str | None) -> int | None:
+    """The number of decoder layers of a model source from its config.json or GGUF header alone, so that a layer
+    list can be checked before the weights load (None where only loading tells: a hub id, an unusual config)."""
+    source = resolve(spec)
+    if source.gguf_file:
+        path = Path(source.path) / source.gguf_file
+        count = gguf_header_value(path, f"{gguf_architecture(path)}.block_count")
+        return int(count) if isinstance(count, int) else None
+    if source.kind != "dir":
+        return None
+    try:
+        config = json.loads((Path(source.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or {}
+    count = config.get("num_hidden_layers", config.get("n_layer", text.get("num_hidden_layers")))
+    return count if isinstance(count, int) else None
+
+
+def gguf_header_value(path: Path, key: str):
+    """The value of a scalar or string `key` of a GGUF file's metadata (None if absent), reading the header only."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(8)
+            _, count = struct.unpack("<QQ", f.read(16))
+            for _ in range(count):
+                name = _gguf_string(f)
+                kind = struct.unpack("<I", f.read(4))[0]
+                if name == key and kind in GGUF_FORMATS:
+                    return struct.unpack(GGUF_FORMATS[kind], f.read(GGUF_SCALARS[kind]))[0]
+                if name == key and kind == GGUF_STRING:
+                    return _gguf_string(f)
+                _skip_gguf_value(f, kind)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as err:
+        raise ModelSourceError(f"could not read the header of {path}: {err or type(err).__name__}") from err
+    return None
 
 
 def gguf_architecture(path: Path) -> str:

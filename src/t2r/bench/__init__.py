@@ -1,9 +1,13 @@
 """Speed and memory of a converted model against its original: what to measure (settings.py), the measurements
-(measure.py) and their ratios, target checks, table and plot (report.py). `t2r bench` is the command."""
+(measure.py) and their ratios, target checks, table and plot (report.py). `t2r bench` is the command. Each name is
+imported on first use (`t2r.lazy`): the settings and the report do not need torch."""
 
-from .measure import copy_cache, peak_rss_bytes, predict_seconds, run_bench, weight_floor_ms
-from .report import plot_bench, ratios, render_bench, targets
-from .settings import BenchSettings, parse_sizes
+from ..lazy import lazy_exports
 
-__all__ = ["BenchSettings", "copy_cache", "parse_sizes", "peak_rss_bytes", "plot_bench", "predict_seconds", "ratios",
-           "render_bench", "run_bench", "targets", "weight_floor_ms"]
+_EXPORTS = {
+    **dict.fromkeys(["copy_cache", "peak_rss_bytes", "predict_seconds", "run_bench", "weight_floor_ms"], ".measure"),
+    **dict.fromkeys(["plot_bench", "ratios", "render_bench", "render_targets", "summary", "targets"], ".report"),
+    **dict.fromkeys(["BenchSettings", "parse_sizes"], ".settings"),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -32,7 +32,7 @@ import transformers
 from ..adapters import adapter_for, cache_bytes, original_model
 from ..decode import decode, iter_decode
 from ..generate import new_cache
-from .report import ratios, targets
+from .report import ratios
 from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,6 @@ def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: st
         result["train_tokens_per_s"] = {"seq": options.train_seq, "batch": 1, **train_tokens_per_s(
             models, seq=options.train_seq, steps=options.train_steps, device=device, vocab=vocab)}
     result["load_average_end"] = os.getloadavg()
-    result["targets"] = targets(result)
     result["notes"] = notes(result)
     return result
 

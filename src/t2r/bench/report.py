@@ -1,5 +1,7 @@
-"""The report of a `t2r.bench` result: original / converted ratios, the issue's targets as met / not met lines, the
-human-readable table and the matplotlib plot. Nothing here measures; every function reads the result's rows."""
+"""The report of a `t2r.bench` result: original / converted ratios, the human-readable table with what the ratios
+mean for the user's model and the matplotlib plot, and this project's development targets as met / not met lines
+(printed by benchmarks/bench_targets.py, never by `t2r bench`). Nothing here measures; every function reads the
+result's rows."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-# --- the issue's targets ------------------------------------------------------------------------------------------
+# --- this project's development targets (benchmarks/bench_targets.py) ------------------------------------------------------------------------------------------
 
 def _row(rows, model, context, batch):
     return next((r for r in rows if (r["model"], r["context"], r["batch"]) == (model, context, batch)), None)
@@ -112,7 +114,31 @@ def render_bench(result: dict) -> str:
     if t:
         lines.append(f"training (fwd+bwd, seq {t['seq']}, batch 1) tokens/s: original {t['original']:.0f}, "
                      f"converted {t['converted']:.0f}")
-    for tg in result.get("targets", []):
+    return "\n".join(lines + summary(result))
+
+
+def summary(result: dict) -> list[str]:
+    """What the table means, in the user's figures: speed and memory at the longest context, the state's size."""
+    rows, b1 = result["rows"], result["batches"][0]
+    at = {r["context"]: r for r in ratios(rows) if r["batch"] == b1}
+    if not at:
+        return []
+    hi = max(at)
+    o, c = (_row(rows, n, hi, b1) for n in MODELS)
+    speed = at[hi]["decode_ms_ratio"]
+    lines = [f"at {hi} tokens (batch {b1}) the converted model decodes "
+             + (f"{speed:.2f}x as fast as the original" if speed >= 1 else f"at {speed:.2f}x the original's speed")
+             + f", and keeps {fmt_bytes(c['cache_bytes'])} of state against a {fmt_bytes(o['cache_bytes'])} KV cache"]
+    sizes = {r["cache_bytes"] for r in rows if r["model"] == "converted" and r["batch"] == b1}
+    if len(sizes) == 1 and len(at) > 1:
+        lines.append(f"its state is the same size at every context measured ({', '.join(map(str, sorted(at)))})")
+    return lines
+
+
+def render_targets(targets: list[dict]) -> str:
+    """The development targets as `[met]` / `[NOT met]` / `[not measured]` lines (benchmarks/bench_targets.py)."""
+    lines = []
+    for tg in targets:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[tg["met"]]
         lines.append(f"[{verdict}] {tg['target']}: {_fmt(tg['value'], '.3g')} "
                      f"({'>=' if 'tokens/s' in tg['target'] or tg['target'].startswith('original') else '<='} "

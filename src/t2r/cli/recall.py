@@ -7,10 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import T2RError
-from ..recall import RecallSettings, parse_depths, parse_lengths, parse_pairs, plot_recall, run_recall
 from .models import load_with_teacher
 
 log = logging.getLogger("t2r")
@@ -40,6 +37,10 @@ def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4
         seed: seed of the generated samples.
         as_json: print the result as JSON.
     """
+    import torch
+
+    from ..recall import RecallSettings, parse_depths, parse_lengths, parse_pairs, plot_recall, run_recall
+
     settings = RecallSettings(task=task, lengths=parse_lengths(lengths), depths=parse_depths(depths),
                               pairs=parse_pairs(pairs), samples=samples, seed=seed)
     if not (Path(model).exists() or model.count("/") <= 1):

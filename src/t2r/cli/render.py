@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..bench import render_bench
-from ..stages.pipeline import report_markdown
 from ..units import fmt_bytes
 from .recall import render_recall
 
@@ -20,7 +19,16 @@ def render_distill(r: dict) -> str:
     lines = [f"distilled {r['model']} on {r['data']} -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
              f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))",
              _eval_line("before", r.get("eval_before")), _eval_line("after ", r.get("eval_after"))]
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"loss plot: {r['plot']}"] if r.get("plot") else []))
+
+
+def render_chat(r: dict) -> str:
+    """The line `t2r chat` ends with (the replies were printed as they came)."""
+    turns = r["turns"]
+    new = sum(t["new_tokens"] for t in turns)
+    seconds = sum(t["seconds"] for t in turns)
+    return (f"[{len(turns)} turn(s), {new} tokens in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} tokens/s), "
+            f"state {fmt_bytes(r['state_bytes'])} after the last turn]")
 
 
 def render_finetune(r: dict) -> str:
@@ -32,10 +40,13 @@ def render_finetune(r: dict) -> str:
     fmt = lambda e: f"{e['ppl']:.2f}" if e else "-"  # noqa: E731
     return (f"finetuned {r['model']} on {r['data']} ({how}) -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))\n"
-            f"held-out perplexity: before {fmt(before)}, after {fmt(after)}")
+            f"held-out perplexity: before {fmt(before)}, after {fmt(after)}"
+            + (f"\nloss plot: {r['plot']}" if r.get("plot") else ""))
 
 
 def render_pipeline(r: dict) -> str:
+    from ..stages.pipeline import report_markdown  # here: it imports torch
+
     return report_markdown(r) + f"\n(report: {r['out']}/report.md)"
 
 
@@ -114,12 +125,21 @@ def render(command: str, r: dict) -> str:
                 f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
                 f"{r['seconds']} s")
     if command == "generate":
-        return (f"{r['prompt']}{r['text']}\n\n[{r['new_tokens']} tokens in {r['seconds']} s, "
+        shown = "" if r.get("streamed") else (r["text"] if r.get("chat") else f"{r['prompt']}{r['text']}") + "\n"
+        return (f"{shown}\n[{r['new_tokens']} tokens in {r['seconds']} s, "
                 f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")
+    if command == "chat":
+        return render_chat(r)
     if command == "verify":
         lines = [f"{k}: {v:.3g}" for k, v in r.items() if "max_rel_err" in k]
-        bounds = f"tolerance {r['tolerance']} in {r['dtype']}" + (
+        factor = r.get("rounding_factor", 0)
+        rounding = (f" = {factor:g} x the {r['dtype']} rounding error {r['dtype_rounding_error']:.3g} of this model"
+                    if factor and factor * r["dtype_rounding_error"] >= r["tolerance"] else "")
+        bounds = f"tolerance {r['tolerance']:.3g}{rounding} in {r['dtype']}" + (
             f", {r['exact_tolerance']} in float64" if "exact_tolerance" in r else "")
+        if r.get("dtype_too_coarse"):
+            lines.append(f"note: in {r['dtype']} this model's logits differ from its float32 logits by "
+                         f"{r['dtype_rounding_error']:.3g} (relative): {r['dtype']} is too coarse for it; use float32")
         return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
     if command == "data":
         return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "

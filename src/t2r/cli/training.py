@@ -6,14 +6,12 @@ import logging
 import time
 from pathlib import Path
 
-from ..data import prepare_data, tokenizer_of
 from ..errors import T2RError
-from ..stages.distill import attention_transfer, load_training_data
-from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
-from ..stages.pipeline import run_pipeline
 from ..stages.recipes import read_recipe
-from ..train import DistillSettings, FinetuneSettings, check_run_dir
+from ..train.settings import DistillSettings, FinetuneSettings
 from .models import load_any, load_converted
+
+# what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
 
 log = logging.getLogger("t2r")
 
@@ -25,10 +23,12 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
     Args:
         source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix.
         out: directory to write train.safetensors, heldout.safetensors and meta.json to.
-        model: model whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct).
+        model: model whose tokenizer to use (default: smollm2, the embedded SmolLM2-135M-Instruct).
         block_size: tokens per block.
         as_json: print the summary as JSON.
     """
+    from ..data import prepare_data, tokenizer_of
+
     tokenizer = tokenizer_of(model)
     blocks = prepare_data(source, tokenizer, block_size=block_size, out_dir=out)
     return {"source": source, "out": str(out), "train_tokens": blocks.meta["train_tokens"],
@@ -51,6 +51,9 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
         progress: show a progress bar on stderr.
         as_json: print the result as JSON.
     """
+    from ..stages.distill import attention_transfer, load_training_data
+    from ..train.checkpoint import check_run_dir
+
     config = options.train_config(progress)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_converted(model)
@@ -81,6 +84,10 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
         progress: show a progress bar on stderr.
         as_json: print the result as JSON.
     """
+    from ..stages.distill import load_training_data
+    from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
+    from ..train.checkpoint import check_run_dir
+
     if teacher is not None and not options.kd:
         raise T2RError("--teacher is used only for distillation: add --kd WEIGHT (e.g. --kd 1)")
     config = options.train_config(progress)
@@ -118,6 +125,8 @@ def pipeline_command(*, config: str, out: str | None = None, redo: str = "", as_
         as_json: print the results as JSON.
         overrides: any recipe value, as a dotted key and a YAML value: --distill.tokens 4k --eval.max_blocks 2.
     """
+    from ..stages.pipeline import run_pipeline
+
     recipe = read_recipe(config, overrides)
     return run_pipeline(recipe, out or f"runs/{recipe.name}", redo=_stages(redo))
 
@@ -133,4 +142,6 @@ def demo_command(*, out: str = "runs/demo", redo: str = "", as_json: bool = Fals
         as_json: print the results as JSON.
         overrides: any value of the demo recipe, as a dotted key and a YAML value: --distill.tokens 4k.
     """
+    from ..stages.pipeline import run_pipeline
+
     return run_pipeline(read_recipe("demo", overrides), out, redo=_stages(redo))

@@ -49,12 +49,15 @@ def _flag(what: str, value: Any) -> bool:
 
 
 def _head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    u = torch.einsum("...hd,hfd->...hf", x, weight)  # (..., H, F)
-    return u if bias is None else u + bias  # (..., H, F)
+    """Per-head projection in x's dtype (float32 or wider): a model cast to bf16 / fp16 keeps computing its maps in
+    float32, its parameters cast up here."""
+    u = torch.einsum("...hd,hfd->...hf", x, weight.to(x.dtype))  # (..., H, F)
+    return u if bias is None else u + bias.to(x.dtype)  # (..., H, F)
 
 
 class FeatureMap(nn.Module):
-    """Base class: validates sizes and inputs, casts to float32, applies ``phi`` to q and k."""
+    """Base class: validates sizes and inputs, casts to float32, applies ``phi`` to q and k. The maps compute in
+    float32 whatever the model's dtype (a bf16 / fp16 model's map parameters are cast up), and return float32."""
 
     name: str = ""
 

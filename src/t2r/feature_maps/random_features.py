@@ -83,7 +83,7 @@ class RFAFeatureMap(_RandomFeatureMap):
 
     def features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + RFA_NORM_EPS)  # (..., H, D), unit norm
-        u = torch.einsum("...hd,hmd->...hm", x, weight)  # (..., H, m)
+        u = torch.einsum("...hd,hmd->...hm", x, weight.to(x.dtype))  # (..., H, m), in float32
         return torch.cat([torch.sin(u), torch.cos(u)], dim=-1) * self.feature_dim**-0.5  # (..., H, 2m)
 
 
@@ -118,6 +118,6 @@ class PerformerFeatureMap(_RandomFeatureMap):
 
     def features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x * self.head_dim**-0.25  # (..., H, D)
-        u = torch.einsum("...hd,hmd->...hm", x, weight)  # (..., H, m)
+        u = torch.einsum("...hd,hmd->...hm", x, weight.to(x.dtype))  # (..., H, m), in float32
         exponent = u - 0.5 * x.pow(2).sum(-1, keepdim=True)  # (..., H, m)
         return torch.exp(exponent.clamp(max=PERFORMER_MAX_EXPONENT)) * self.feature_dim**-0.5  # (..., H, m)

@@ -207,6 +207,10 @@ def report_markdown(results: dict) -> str:
     if "layer_errors" in results:
         lines += ["", "Attention-transfer error per layer (the largest went back to softmax): "
                   + ", ".join(f"{i}: {e:.3g}" for i, e in enumerate(results["layer_errors"]))]
+    curves = [stage for stage in ("teacher-finetune", "distill", "finetune")
+              if (Path(results.get("out", "")) / stage / "loss.png").is_file()]
+    if curves:  # written by each training stage (t2r.train.plot), with matplotlib
+        lines += ["", "## Training curves", ""] + [f"![{stage}]({stage}/loss.png)" for stage in curves]
     gen = results["generation"]
     lines += ["", "## Generation", "", f"Prompt: {results['recipe']['generate'].get('prompt', DEFAULT_PROMPT)!r}", ""]
     for who in ("teacher", "student"):

@@ -30,7 +30,6 @@ import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ..errors import T2RError
-from ..feature_maps import FEATURE_MAPS
 from ..recipe import INITS, Recipe
 from ..settings import Settings, SettingsError, describe_errors, dotted
 from ..train.settings import DistillSettings, FinetuneSettings
@@ -114,6 +113,8 @@ class ConvertSettings(Settings):
 
     @model_validator(mode="after")
     def _valid(self) -> ConvertSettings:
+        from ..feature_maps import FEATURE_MAPS  # here: `t2r --help` shows these settings without importing torch
+
         try:
             FEATURE_MAPS.get(self.feature_map)
             self.recipe()
@@ -189,7 +190,7 @@ class PipelineRecipe(Settings):
     init: str = "pretrained"
     data: str = "austen"
     block_size: int = Field(512, gt=1)
-    convert: ConvertSettings = ConvertSettings()
+    convert: ConvertSettings = Field(default_factory=ConvertSettings)  # made when used: checking it imports torch
     distill: DistillSettings | None = None
     keep_softmax: Annotated[str | list[int] | None, BeforeValidator(_keep_softmax)] = None
     teacher_finetune: FinetuneSettings | None = None

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import T2RError
+from ..errors import T2RError, TrainError  # noqa: F401  (TrainError: defined with the other errors, so that
+# the settings can raise it without importing torch)
 from ..io import replace_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 SUMMARY = "train.json"
-
-
-class TrainError(T2RError):
-    """A training run that cannot start or continue; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- the run directory

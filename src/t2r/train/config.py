@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ..errors import TrainError
 
-from .checkpoint import TrainError
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -99,6 +101,8 @@ class BlockStream:
         self._perms: dict[int, torch.Tensor] = {}
 
     def indices(self, start: int, count: int) -> torch.Tensor:
+        import torch  # here, so that the settings (and `t2r --help`) do not import torch
+
         out = []
         for p in range(start, start + count):
             epoch, i = divmod(p, self.num_blocks)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, field_validator, model_serializer, model_validator
 
 from ..settings import Settings
-from .checkpoint import TrainError
+from ..errors import TrainError
 from .config import TrainConfig, parse_tokens
 
 DEFAULT_LR = {"lora": 2e-4, "full": 3e-5}  # finetuning's peak learning rate when none is given

@@ -49,6 +49,7 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .config import BlockStream, TrainConfig, lr_factor
+from .plot import plot_metrics
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,14 @@ class Trainer:
         self.tensorboard = _tensorboard(self.out) if acc.is_main_process else None
         with _Interrupts(acc) as interrupts, self._progress_bar() as bar:
             if self.step == 0:
-                self.eval_before = self._evaluate()
+                self.eval_before = self._evaluate(bar, "before training")
             while self.step < self.total_steps:
                 record = self._train_step()
                 bar.update(self.tokens_per_step)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ppl") if k in record}, refresh=False)
                 if self.config.eval_every and self.step % self.config.eval_every == 0 \
                         and self.step < self.total_steps:
-                    self._evaluate()
+                    self._evaluate(bar, f"at step {self.step}")
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 \
                         and self.step < self.total_steps:
                     self._checkpoint()
@@ -236,7 +237,7 @@ class Trainer:
                     on_step(self.step, record)
                 if interrupts.requested():
                     self._stop()
-            eval_after = self._evaluate()
+            eval_after = self._evaluate(bar, "after training")
         return self._finish(eval_after, time.perf_counter() - started)
 
     def _batch(self, micro: int) -> torch.Tensor:
@@ -293,8 +294,14 @@ class Trainer:
         raise NonFiniteLossError(f"{what} at step {self.step + 1} of {self.total_steps}; the weights were not "
                                  f"updated, {kept}")
 
-    def _evaluate(self) -> dict | None:
+    def _evaluate(self, bar=None, phase: str = "") -> dict | None:
+        """Held-out metrics (main process); the progress bar says what is running meanwhile."""
         acc, result = self.accelerator, None
+        label = f"held-out evaluation ({phase})"
+        if bar is not None and not bar.disable:
+            bar.set_description(label, refresh=True)
+        elif phase:
+            log.info("%s", label)
         if acc.is_main_process:
             module = acc.unwrap_model(self.model)
             was_training = module.training
@@ -303,6 +310,8 @@ class Trainer:
             module.train(was_training)
             self._log({"kind": "eval", "step": self.step, "tokens": self.step * self.tokens_per_step, **result})
         acc.wait_for_everyone()
+        if bar is not None and not bar.disable:
+            bar.set_description("training", refresh=True)
         return result
 
     def _checkpoint(self) -> None:
@@ -332,7 +341,7 @@ class Trainer:
 
     def _progress_bar(self):
         return tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
-                    unit="tok", unit_scale=True, dynamic_ncols=True, leave=False, smoothing=0.1,
+                    desc="training", unit="tok", unit_scale=True, dynamic_ncols=True, leave=False, smoothing=0.1,
                     disable=not (self.config.progress and self.accelerator.is_main_process))
 
     def _finish(self, eval_after: dict | None, seconds: float) -> dict:
@@ -345,6 +354,9 @@ class Trainer:
                    "eval_before": self.eval_before, "eval_after": eval_after}
         if acc.is_main_process:
             self._export()
+            plot = plot_metrics(self.out, title=str(self.out))
+            if plot is not None:
+                summary["plot"] = str(plot)
             write_json(self.out / SUMMARY, summary)
             for name in (CHECKPOINT, f".{CHECKPOINT}.old", f".{CHECKPOINT}.partial"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
