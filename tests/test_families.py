@@ -208,6 +208,18 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path, no_weights
         load_model(str(spec))
 
 
+def test_the_refusal_comes_before_torch_is_imported(tmp_path):
+    """`t2r convert` on a GGUF of an unknown family answers from its header in a process that never imports torch
+    or transformers (what makes it take well under a second; benchmarks/cli_startup.py --refusal times it)."""
+    spec = _gguf_header("bloom", tmp_path / "bloom.gguf", garbage=b"\x00" * (1 << 20))
+    code = ("import sys; from t2r.cli.app import main; rc = main(['convert', sys.argv[1], '--out', sys.argv[2]]); "
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert "no t2r adapter for model type 'bloom'" in done.stderr and not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_an_unsupported_gguf_in_one_line(capsys, tmp_path, no_weights_loaded):
     spec = _gguf_header("bloom", tmp_path / "bloom.gguf", garbage=b"\x00" * (1 << 20))
     code, _, err = run_cli(capsys, "convert", spec, "--out", tmp_path / "out")

@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     fn = args._fn
     try:
+        if hasattr(fn, "check_first"):  # what can be refused from the raw arguments alone, before settings import torch
+            fn.check_first(vars(args))
         kwargs = call_arguments(fn, vars(args), extra)
         result = fn(**kwargs)
     except (T2RError, ValueError) as err:

@@ -67,14 +67,16 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
     options = options or ConvertSettings()
+    from ..sources import check_source, layer_count, load_model
+
+    check_source(model)  # an unsupported family: refused from its config or GGUF header, before torch is imported
+    check_layers(options, layer_count(model))  # a layer that is not there: said before the weights load
     weights_dtype = torch_dtype(dtype)
     from ..attention import is_conversion_parameter
     from ..convert import convert, count_linear_layers, reinitialize
     from ..persistence import save
-    from ..sources import layer_count, load_model
 
     start = time.perf_counter()
-    check_layers(options, layer_count(model))  # a layer that is not there: said before the weights load
     hf_model, tokenizer, source = load_model(model, dtype=weights_dtype)
     if init == "random":
         reinitialize(hf_model, seed=options.seed)
@@ -89,6 +91,16 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
             "parameters_added": sum(p.numel() for n, p in converted.named_parameters()
                                     if is_conversion_parameter(n)),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _source_first(values: dict) -> None:
+    """An unsupported family is refused from its config or GGUF header before anything imports torch."""
+    from ..sources import check_source
+
+    check_source(values.get("model"))
+
+
+convert_command.check_first = _source_first
 
 
 def check_layers(options: ConvertSettings, num_layers: int | None) -> None:
