@@ -31,18 +31,25 @@ from t2r.decode import iter_decode
 from t2r.step import flatten_states, state_layout
 
 
+def clock() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def converted_rate(model, cache, n: int, steps: int) -> dict:
     layout = state_layout(cache)
     state = [t.repeat_interleave(n, 0) for t in flatten_states(cache)]
     step = default_step(model, layout)
-    ids = torch.zeros(n, 1, dtype=torch.long)
-    pos = torch.full((n, 1), cache.get_seq_length())
+    device = state[0].device
+    ids = torch.zeros(n, 1, dtype=torch.long, device=device)
+    pos = torch.full((n, 1), cache.get_seq_length(), device=device)
     times = []
     with torch.inference_mode():
         for i in range(steps + 2):
-            start = time.perf_counter()
+            start = clock()
             logits, *state = step(ids, pos, *state)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
             ids, pos = logits.argmax(-1)[:, None], pos + 1
     ms = statistics.median(times[2:]) * 1e3
     return {"streams": n, "ms_per_step": ms, "tokens_per_s": n * 1e3 / ms,
@@ -51,20 +58,23 @@ def converted_rate(model, cache, n: int, steps: int) -> dict:
 
 def original_rate(model, cache, n: int, steps: int) -> dict:
     rows = copy_cache(cache, n)
-    loop = iter_decode(model, torch.zeros(n, 1, dtype=torch.long), cache=rows, max_new_tokens=steps + 3)
+    device = next(model.parameters()).device
+    loop = iter_decode(model, torch.zeros(n, 1, dtype=torch.long, device=device), cache=rows,
+                       max_new_tokens=steps + 3)
     times = []
     for _ in range(steps + 2):
-        start = time.perf_counter()
+        start = clock()
         next(loop)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     loop.close()
     ms = statistics.median(times[2:]) * 1e3
     return {"streams": n, "ms_per_step": ms, "tokens_per_s": n * 1e3 / ms, "memory_bytes": cache_bytes(rows)}
 
 
 def serve_rate(model, requests: int, max_batch: int, vocab: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (int(n),), generator=g) for n in torch.randint(16, 129, (requests,), generator=g)]
+    g, device = torch.Generator().manual_seed(0), next(model.parameters()).device
+    prompts = [torch.randint(0, vocab, (int(n),), generator=g).to(device)
+               for n in torch.randint(16, 129, (requests,), generator=g)]
     budgets = torch.randint(8, 25, (requests,), generator=g).tolist()
     sizes = []
     start = time.perf_counter()
@@ -86,17 +96,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--serve-batch", default="1,16")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    converted = own_weights(t2r.load(args.model).eval())
+    device = torch.device(args.device)
+    converted = own_weights(t2r.load(args.model).to(device).eval())
     original = original_model(converted).eval()
     vocab = converted.config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(1))
-    result = {"context": args.context, "threads": args.threads, "load_average_start": os.getloadavg()}
+    ids = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(1)).to(device)
+    result = {"context": args.context, "threads": args.threads, "device": str(device),
+              "load_average_start": os.getloadavg()}
     caches = {}
     for name, model in (("converted", converted), ("original", original)):
-        seconds, _, caches[name] = prefill(model, ids, torch.device("cpu"), chunk=2048, max_runs=1)
+        seconds, _, caches[name] = prefill(model, ids, device, chunk=2048, max_runs=1)
         print(f"{name}: prefill of {args.context} tokens {seconds:.1f} s", flush=True)
     rows = {"converted": [], "original": []}
     for n in parse_sizes(args.streams, "--streams"):

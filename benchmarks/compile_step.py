@@ -22,6 +22,12 @@ from t2r.bench.measure import own_weights, weight_floor_ms
 from t2r.step import StateStep, flatten_states, state_layout
 
 
+def clock() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -29,16 +35,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default="eager-model,eager-step,compiled,compiled-freezing")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = own_weights(t2r.load(args.model).eval())
+    device = torch.device(args.device)
+    model = own_weights(t2r.load(args.model).to(device).eval())
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
     with torch.inference_mode():
         cache = t2r.new_cache(model)
         model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         layout, state = state_layout(cache), flatten_states(cache)
-    token, pos = ids[:, -1:], torch.tensor([[args.context]])
+    token, pos = ids[:, -1:], torch.tensor([[args.context]], device=device)
 
     def model_step():
         c = t2r.new_cache(model)
@@ -66,11 +75,11 @@ def main() -> None:
     with torch.inference_mode():
         for i in range(args.steps + 4):
             for name, fn in fns.items():
-                start = time.perf_counter()
+                start = clock()
                 fn()
                 if i >= 4:
-                    times[name].append(time.perf_counter() - start)
-        floor = weight_floor_ms(model, torch.device("cpu"))
+                    times[name].append(clock() - start)
+        floor = weight_floor_ms(model, device)
     ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     base = ms.get("eager-model") or next(iter(ms.values()))
     print(f"context {args.context}, {args.threads} thread(s); weight-reading floor {floor:.1f} ms")

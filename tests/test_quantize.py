@@ -12,7 +12,7 @@ import t2r
 from conftest import tiny_model
 from t2r.decode import decode
 from t2r.errors import T2RError
-from t2r.quantize import is_quantized, pretrained_linear_names, quantize
+from t2r.quantize import SpeedSettings, is_quantized, pretrained_linear_names, quantize
 
 # int8 per-channel weights plus per-call int8 activations: a tiny random model's logits (|logit| ~ 1) move by a few
 # hundredths; the tolerance is relative to the largest logit.
@@ -79,5 +79,21 @@ def test_none_is_a_no_op_and_bad_modes_fail_in_one_line():
 def test_generate_command_with_int8(tiny_converted_dir):
     from t2r.cli.models import generate_command
 
-    out = generate_command(str(tiny_converted_dir), prompt="abc", max_new_tokens=4, quantize="int8")
+    out = generate_command(str(tiny_converted_dir), prompt="abc", max_new_tokens=4,
+                           speed=SpeedSettings(quantize="int8"))
     assert out["quantize"] == "int8" and out["new_tokens"] == 4 and isinstance(out["text"], str)
+
+
+def test_cli_flags(tiny_converted_dir, capsys):
+    import json
+
+    import t2r.cli
+
+    code = t2r.cli.main(["-q", "generate", str(tiny_converted_dir), "--prompt", "abc", "--max-new-tokens", "3",
+                         "--quantize", "int8", "--compile", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["quantize"] == "int8" and out["new_tokens"] == 3
+    # the fixture keeps a softmax layer: no explicit-state step, so --compile falls back and says why
+    assert out["compiled"] is False and "keep softmax attention" in out["compile_fallback"]
+    code = t2r.cli.main(["generate", str(tiny_converted_dir), "--quantize", "int4"])
+    assert code == 2 and "--quantize is one of none, int8" in capsys.readouterr().err

@@ -21,8 +21,11 @@ import warnings
 import torch
 from torch import nn
 
+from pydantic import Field, field_validator
+
 from .attention import is_conversion_parameter
 from .errors import T2RError
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,22 @@ def check_quantize(mode: str | None) -> str:
         raise T2RError("--quantize int8 needs PyTorch's fbgemm/x86 quantized engine, which this torch build lacks: "
                        "run without --quantize")
     return mode
+
+
+class SpeedSettings(Settings):
+    """How `t2r generate` runs the converted model's decode (its flags --quantize and --compile)."""
+
+    quantize: str = Field("none", description="none, or int8: int8 weights for every pretrained linear layer "
+                                              "(CPU; the recurrent state stays float32).")
+    compile: bool = Field(False, description="compile the one-token decode step with torch.compile (inductor); "
+                                             "falls back to eager decoding, saying why, where it cannot.")
+
+    @field_validator("quantize")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in QUANTIZE_MODES:
+            raise ValueError(f"--quantize is one of {', '.join(QUANTIZE_MODES)}, got {value!r}")
+        return value
 
 
 def pretrained_linear_names(model: nn.Module) -> set[str]:

@@ -25,9 +25,11 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .adapters import RecurrentLayer, adapter_for
+from .adapters import RecurrentLayer, adapter_for, cache_bytes
 from .adapters.base import Adapter
+from .decode import decode
 from .errors import T2RError
+from .generate import GenerationResult, new_cache, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,6 @@ def zero_states(model, batch: int) -> tuple[list[torch.Tensor], list[tuple[type,
 
     Only valid for states whose "nothing seen" value is all zeros (linear attention's S and z, gated and delta-rule
     states); a sliding-window state also holds its last W keys, which start as zeros too."""
-    from .generate import new_cache  # generate imports adapters; a local import keeps this module light
     cache = new_cache(model)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
     with torch.inference_mode():  # inference tensors, like the states a decode loop passes (no recompilation)
@@ -192,10 +193,6 @@ def compiled_decoder(model: nn.Module, *, mode: str | None = None) -> CompiledDe
 def generate_lean(model, tokenizer, prompt: str, *, max_new_tokens: int, sampling):
     """`t2r.generate.generate` for one prompt through the lean loop `t2r.decode` (which a `StepModel` plugs into),
     stopping at the tokenizer's EOS."""
-    from .adapters import cache_bytes
-    from .decode import decode
-    from .generate import GenerationResult, new_cache, prepare_tokenizer
-
     prepare_tokenizer(tokenizer)
     enc = tokenizer([prompt], return_tensors="pt")
     cache = new_cache(model)

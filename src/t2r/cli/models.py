@@ -11,7 +11,7 @@ from ..attention import is_conversion_parameter
 from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
 from ..generate import Sampling, generate
-from ..quantize import check_quantize
+from ..quantize import SpeedSettings
 from ..quantize import quantize as quantize_model
 from ..step import compiled_decoder, generate_lean
 from ..persistence import is_t2r_dir, load, load_tokenizer, save
@@ -80,7 +80,7 @@ def load_any(model: str):
 
 def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                     quantize: str = "none", compile: bool = False, as_json: bool = False) -> dict:
+                     speed: SpeedSettings = SpeedSettings(), as_json: bool = False) -> dict:
     """Generate text with a converted model: chunked prefill, then one recurrent step per token.
 
     Args:
@@ -92,18 +92,16 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
         top_p: nucleus sampling mass (with --sample).
         top_k: keep only the k most likely tokens (with --sample; 0 = off).
         seed: random seed for sampling.
-        quantize: none, or int8: int8 weights for every pretrained linear layer (CPU; state stays float32).
-        compile: compile the one-token decode step with torch.compile (falls back to eager, saying why).
+        speed: int8 weights (--quantize int8) and a compiled decode step (--compile).
         as_json: print the result as JSON.
     """
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    check_quantize(quantize)
     sampling = Sampling(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     hf_model, tokenizer = load_converted(model)
-    quantize_model(hf_model, quantize)
-    extra = {"quantize": quantize}
-    if compile:
+    quantize_model(hf_model, speed.quantize)
+    extra = {"quantize": speed.quantize}
+    if speed.compile:
         built = compiled_decoder(hf_model)
         extra.update(compiled=built.compiled, compile_seconds=round(built.compile_seconds, 1))
         if not built.compiled:
