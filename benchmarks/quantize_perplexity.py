@@ -1,5 +1,5 @@
-"""What int8 weights (`t2r.quantize`) cost in held-out perplexity: a converted model and its original, each in float32
-and int8, on the same held-out blocks (the `t2r eval` data path).
+"""What quantized weights (`t2r.quantize`: int8, fp16) cost in held-out perplexity: a converted model and its original,
+each in float32 and quantized, on the same held-out blocks (the `t2r eval` data path).
 
     OMP_NUM_THREADS=1 python benchmarks/quantize_perplexity.py runs/m-hedgehog-transfer/finetune --max-blocks 8
 
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--max-blocks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default="int8,fp16")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -38,9 +39,11 @@ def main() -> None:
     result = {"model": args.model, "data": args.data, "blocks": int(blocks.shape[0]), "context": args.context}
     for name, model in (("converted", converted), ("original", original_model(converted).eval())):
         fp = perplexity(model, blocks, context=args.context)["ppl"]
-        q = perplexity(quantize(copy.deepcopy(model), "int8"), blocks, context=args.context)["ppl"]
-        result[name] = {"float32": fp, "int8": q, "change": q / fp - 1}
-        print(f"{name:<9} float32 {fp:8.2f}  int8 {q:8.2f}  change {100 * (q / fp - 1):+.2f}%", flush=True)
+        result[name] = {"float32": fp}
+        for mode in args.modes.split(","):
+            q = perplexity(quantize(copy.deepcopy(model), mode), blocks, context=args.context)["ppl"]
+            result[name][mode] = {"ppl": q, "change": q / fp - 1}
+            print(f"{name:<9} float32 {fp:8.2f}  {mode} {q:8.2f}  change {100 * (q / fp - 1):+.2f}%", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

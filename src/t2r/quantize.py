@@ -1,9 +1,12 @@
-"""Int8 weights for CPU decode: every pretrained `nn.Linear` (projections, MLP, LM head) becomes PyTorch's dynamically
-quantized linear (int8 weights, per-output-channel scales; activations quantized per call), applied at load time.
+"""Smaller weights for CPU decode: every pretrained `nn.Linear` (projections, MLP, LM head) becomes PyTorch's dynamically
+quantized linear, applied at load time: int8 (int8 weights with per-output-channel scales, activations quantized to
+8 bits per call) or fp16 (float16 weights, float32 activations).
 
 What the conversion added (feature maps, mixer parameters) stays float32, and so does the recurrent state: the
 state update and read-out run in float32 exactly as before. Only the matrix-vector products with the big pretrained
-weights read a quarter of the bytes, which is where a decode step spends most of its time on a CPU.
+weights read a quarter (int8) or half (fp16) of the bytes, which is where a decode step spends most of its time.
+int8's 8-bit activations cost perplexity on models with activation outliers (SmolLM2's MLP down projection);
+fp16 does not (docs/RESULTS.md, issue 16).
 
 Why this kernel: `benchmarks/quantize_kernels.py` on the 2-core EPYC VM at 1 thread, SmolLM2's shapes at batch 1:
 PyTorch's `quantize_dynamic` linear (fbgemm/x86, per-channel int8 weights) took 0.4-0.5x the float32 time for the
@@ -29,7 +32,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("none", "int8", "fp16")
 
 
 def check_quantize(mode: str | None) -> str:
@@ -37,9 +40,9 @@ def check_quantize(mode: str | None) -> str:
     mode = mode or "none"
     if mode not in QUANTIZE_MODES:
         raise T2RError(f"--quantize is one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
-    if mode == "int8" and "fbgemm" not in torch.backends.quantized.supported_engines \
+    if mode != "none" and "fbgemm" not in torch.backends.quantized.supported_engines \
             and "x86" not in torch.backends.quantized.supported_engines:
-        raise T2RError("--quantize int8 needs PyTorch's fbgemm/x86 quantized engine, which this torch build lacks: "
+        raise T2RError(f"--quantize {mode} needs PyTorch's fbgemm/x86 quantized engine, which this torch build lacks: "
                        "run without --quantize")
     return mode
 
@@ -47,8 +50,10 @@ def check_quantize(mode: str | None) -> str:
 class SpeedSettings(Settings):
     """How `t2r generate` runs the converted model's decode (its flags --quantize and --compile)."""
 
-    quantize: str = Field("none", description="none, or int8: int8 weights for every pretrained linear layer "
-                                              "(CPU; the recurrent state stays float32).")
+    quantize: str = Field("none", description="none; int8: int8 weights and per-call int8 activations for every "
+                                              "pretrained linear layer (fastest, costs perplexity); fp16: 16-bit "
+                                              "weights, float32 activations (near lossless). CPU; the recurrent "
+                                              "state stays float32.")
     compile: bool = Field(False, description="compile the one-token decode step with torch.compile (inductor); "
                                              "falls back to eager decoding, saying why, where it cannot.")
 
@@ -67,29 +72,32 @@ def pretrained_linear_names(model: nn.Module) -> set[str]:
 
 
 def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Swap the pretrained linears of `model` (on the CPU, float32) for int8 ones, in place; mode "none" does nothing.
+    """Swap the pretrained linears of `model` (on the CPU, float32) for quantized ones, in place; "none" does nothing.
 
-    Tied weights (an LM head sharing the embedding) are untied on the way: the head gets its own int8 copy and the
-    embedding lookup stays float32. Records `model.config.t2r_quantize = mode`."""
+    int8: per-output-channel int8 weights, activations quantized to 8 bits per call (fbgemm's int8 GEMM). fp16:
+    weights stored as float16, activations and accumulation float32 (fbgemm's fp16 GEMM): half the bytes, near
+    lossless. Tied weights (an LM head sharing the embedding) are untied on the way: the head gets its own quantized
+    copy and the embedding lookup stays float32. Records `model.config.t2r_quantize = mode`."""
     mode = check_quantize(mode)
     if mode == "none":
         return model
     param = next(model.parameters())
     if param.device.type != "cpu":
-        raise T2RError(f"--quantize int8 runs on the CPU only; the model is on {param.device}")
+        raise T2RError(f"--quantize {mode} runs on the CPU only; the model is on {param.device}")
     if param.dtype != torch.float32:
-        raise T2RError(f"--quantize int8 starts from float32 weights; the model is {param.dtype}")
+        raise T2RError(f"--quantize {mode} starts from float32 weights; the model is {param.dtype}")
     names = pretrained_linear_names(model)
     if not names:
-        raise T2RError("--quantize int8: the model has no nn.Linear layers to quantize")
+        raise T2RError(f"--quantize {mode}: the model has no nn.Linear layers to quantize")
     engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
     torch.backends.quantized.engine = engine
+    qconfig, dtype = ((torch.ao.quantization.per_channel_dynamic_qconfig, torch.qint8) if mode == "int8" else
+                      (torch.ao.quantization.float16_dynamic_qconfig, torch.float16))
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(model, {name: torch.ao.quantization.per_channel_dynamic_qconfig
-                                                       for name in names}, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in names}, dtype=dtype, inplace=True)
     model.config.t2r_quantize = mode
-    log.info("quantized %d linear layers to int8 (%s engine)", len(names), engine)
+    log.info("quantized %d linear layers to %s (%s engine)", len(names), mode, engine)
     return model
 
 

@@ -90,10 +90,11 @@ def variant_targets(result: dict) -> list[dict]:
     ms = {(r["model"], r["context"], r["batch"]): r["decode_ms_per_token"] for r in rows}
     names = {r["model"] for r in rows}
     out = []
-    if "converted-int8" in names:
-        worst = max(ms[("converted-int8", c, b1)] / ms[("converted", c, b1)] for c in contexts)
-        out.append(_target(f"converted-int8 / converted decode time, worst context (batch {b1})", worst, 0.5, False))
-    for name in ("converted-compiled", "converted-int8-compiled"):
+    for name in ("converted-int8", "converted-fp16"):
+        if name in names:
+            worst = max(ms[(name, c, b1)] / ms[("converted", c, b1)] for c in contexts)
+            out.append(_target(f"{name} / converted decode time, worst context (batch {b1})", worst, 0.5, False))
+    for name in ("converted-compiled", "converted-int8-compiled", "converted-fp16-compiled"):
         if name in names:
             out.append(_target(f"{name} decode at {contexts[0]} / weight-reading floor (batch {b1})",
                                ms[(name, contexts[0], b1)] / result["weight_floor_ms"] if b1 == 1 else None, 1.2,

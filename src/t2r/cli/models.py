@@ -92,7 +92,7 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
         top_p: nucleus sampling mass (with --sample).
         top_k: keep only the k most likely tokens (with --sample; 0 = off).
         seed: random seed for sampling.
-        speed: int8 weights (--quantize int8) and a compiled decode step (--compile).
+        speed: quantized weights (--quantize int8 or fp16) and a compiled decode step (--compile).
         as_json: print the result as JSON.
     """
     if max_new_tokens <= 0:
