@@ -103,7 +103,10 @@ def test_cli_flags(tiny_converted_dir, capsys):
                          "--quantize", "int8", "--compile", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["quantize"] == "int8" and out["new_tokens"] == 3
-    # the fixture keeps a softmax layer: no explicit-state step, so --compile falls back and says why
-    assert out["compiled"] is False and "keep softmax attention" in out["compile_fallback"]
+    # quantized linears do not compile: --compile falls back to eager decoding and says why
+    assert out["compiled"] is False and "quantized" in out["compile_fallback"]
+    from t2r.step import compile_unavailable
+
+    assert "quantized" in compile_unavailable(_pair(mode="fp16")[1])
     code = t2r.cli.main(["generate", str(tiny_converted_dir), "--quantize", "int4"])
     assert code == 2 and "--quantize is one of none, int8" in capsys.readouterr().err
