@@ -28,6 +28,29 @@ def clock() -> float:
     return time.perf_counter()
 
 
+WEIGHT_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "mkldnn", "mkl_linear", "aten::_mkl")
+
+
+def profile_split(fn, steps: int = 8) -> dict:
+    """ms per step: self CPU time of the weight matmuls, of every other op, and the wall time not in any op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        wall = (time.perf_counter() - start) / steps * 1e3
+    weights = other = 0.0
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1e3 / steps
+        if any(event.key.startswith(k) or k in event.key for k in WEIGHT_OPS):
+            weights += ms
+        else:
+            other += ms
+    return {"wall": wall, "weight matmuls": weights, "other ops": other,
+            "outside ops": max(wall - weights - other, 0.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -36,6 +59,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default="eager-model,eager-step,compiled,compiled-freezing")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="then profile 8 steps of each variant (torch.profiler): "
+                        "self time of the weight matmuls against everything else")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,10 +110,15 @@ def main() -> None:
     print(f"context {args.context}, {args.threads} thread(s); weight-reading floor {floor:.1f} ms")
     for name, value in ms.items():
         print(f"  {name:<18} {value:7.1f} ms/step  {value / base:5.2f}x eager model  {value / floor:5.2f}x floor")
+    if args.profile:
+        result_profile = {name: profile_split(fn) for name, fn in fns.items()}
+        for name, split in result_profile.items():
+            print(f"  profile {name:<18} " + ", ".join(f"{k} {v:.1f} ms" for k, v in split.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"context": args.context, "threads": args.threads, "ms_per_step": ms, "floor_ms": floor,
-                       "compile_seconds": compile_s, "load_average": list(__import__("os").getloadavg())}, f,
+                       "compile_seconds": compile_s, "load_average": list(__import__("os").getloadavg()),
+                       "profile_ms_per_step": result_profile if args.profile else None}, f,
                       indent=2)
 
 
