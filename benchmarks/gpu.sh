@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# On a machine with one CUDA GPU, in under 8 minutes:
+# On a machine with one CUDA GPU, in under 13 minutes:
 #   1. if flash-linear-attention (`fla`) is importable: its chunk and fused-recurrent linear attention against
 #      t2r's reference ops (outputs and final states, T = 1, 63, 500, with an initial state), and t2r's own ops on
 #      the GPU against the CPU reference;
-#   2. the speed/memory bench on the GPU (same model, contexts and batches as benchmarks/bench_smollm2.sh).
+#   2. the speed/memory bench on the GPU (same model, contexts and batches as benchmarks/bench_smollm2.sh);
+#   3. issue 16's paths on the GPU: the one-token step eager vs torch.compile'd (compile_step.py), and streams vs
+#      tokens/s at 4k context against the original's growing KV caches (batching.py). int8 (`--quantize`) and the
+#      ONNX export are CPU paths and are not run here.
 #
 #   benchmarks/gpu.sh            # needs runs/smol-rnn (made with `t2r convert --out runs/smol-rnn` if missing)
 #   OUT=/tmp/gpu benchmarks/gpu.sh
-# Writes $OUT/ops_check.json, $OUT/bench_gpu.{json,png} and prints both tables. Exit 1 if an op check fails.
+# Writes $OUT/ops_check.json, $OUT/bench_gpu.{json,png}, $OUT/compile_step_gpu.json, $OUT/batching_gpu.json and
+# prints the tables. Exit 1 if an op check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-runs/smol-rnn}
@@ -76,3 +80,8 @@ fi
 DEVICE=cuda THREADS=${THREADS:-4} OUT="$OUT" MODEL="$MODEL" timeout 300 benchmarks/bench_smollm2.sh
 mv -f "$OUT/bench_smollm2.json" "$OUT/bench_gpu.json"
 mv -f "$OUT/bench_smollm2.png" "$OUT/bench_gpu.png"
+
+timeout 150 python benchmarks/compile_step.py "$MODEL" --device cuda --context 4096 --steps 32 \
+    --variants eager-model,eager-step,compiled --out "$OUT/compile_step_gpu.json" || echo "compile_step: failed or timed out"
+timeout 120 python benchmarks/batching.py "$MODEL" --device cuda --context 4096 --streams 1,4,16,64 \
+    --original-streams 1,4,16 --serve-batch 1,16 --out "$OUT/batching_gpu.json" || echo "batching: failed or timed out"

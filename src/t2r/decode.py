@@ -9,6 +9,9 @@ tokens as `model.generate(...)`; it applies none of a model's `generation_config
     tokens, cache = decode(model, ids, mask, max_new_tokens=32)           # tokens: [B, new]
     tokens, cache = decode(model, ids, mask, max_new_tokens=32, sampling=Sampling(do_sample=True, top_p=0.9, seed=1))
     for next_tokens in iter_decode(model, ids, cache=cache, max_new_tokens=8): ...   # one [B] tensor per step
+
+Many prompts whose rows join and leave one batch (continuous batching): `t2r.batching.serve`. A compiled step:
+`decode(t2r.step.compiled_decoder(model).model, ...)`.
 """
 
 from __future__ import annotations

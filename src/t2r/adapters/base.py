@@ -53,6 +53,14 @@ class Adapter:
         """The family's own softmax attention module rebuilt around `linear`'s (shared) projections."""
         raise NotImplementedError
 
+    def state_forward(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      cache) -> torch.Tensor:
+        """Logits [B, T, V] of `input_ids` [B, T] at `position_ids` [B, T], continuing (and advancing) the recurrent
+        states held in `cache.layers`: the model's layers called directly, without the model-level forward's mask
+        and cache bookkeeping. `t2r.step` compiles and exports it. Families without one raise."""
+        raise UnsupportedModelError(f"the {type(self).__name__} family has no explicit-state decode step "
+                                    "(llama, mistral, qwen2 and qwen3 have one)")
+
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError for variants of the family this adapter cannot convert."""
 

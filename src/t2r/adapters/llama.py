@@ -97,6 +97,16 @@ class LlamaAdapter(Adapter):
         """Qwen-style `layer_types` name the sliding layers; Mistral slides every layer with a `sliding_window`."""
         return windows_of(config, every_layer=base_model_type(config) in self.every_layer_slides)
 
+    def state_forward(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      cache) -> torch.Tensor:
+        inner = model.model
+        hidden = inner.embed_tokens(input_ids)  # (B, T, hidden)
+        positions = inner.rotary_emb(hidden, position_ids=position_ids)
+        for layer in inner.layers:
+            hidden = layer(hidden, attention_mask=None, position_embeddings=positions, position_ids=position_ids,
+                           cache=cache, use_cache=True)
+        return model.lm_head(inner.norm(hidden))  # (B, T, V)
+
     def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
         return self.linear_class(original, layer_idx, recipe)
 

@@ -11,7 +11,7 @@ batch-1 prefill of L tokens where that fits `prefill_cap_s`; otherwise the longe
 (softmax keys/values tiled along the sequence, a recurrent state kept with its token count set to L: the decode cost
 of a step does not depend on what the cached values are). A batch of B repeats the batch-1 cache B times.
 
-The ratios, the targets, the table and the plot of a result: `t2r.bench_report`.
+The ratios, the table and the plot of a result: `t2r.bench.report`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import transformers
 from ..adapters import adapter_for, cache_bytes, original_model
 from ..decode import decode, iter_decode
 from ..generate import new_cache
+from .llamacpp import llamacpp_rows
 from .report import ratios
 from .settings import BenchSettings
+from .variants import build_variants
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +289,7 @@ def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: st
     device = torch.device(device)
     converted = own_weights(converted.to(device).eval())
     models = {"original": original_model(converted).eval(), "converted": converted}
+    variants, variant_notes = build_variants(converted, options)
     vocab = converted.config.get_text_config(decoder=True).vocab_size
     param = next(converted.parameters())
     result = {"machine": machine_info(device), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -300,16 +303,18 @@ def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: st
     result["weight_floor_ms"] = weight_floor_ms(models["original"], device)
     if options.generate_tokens > 0:
         log.info("HF generate vs the lean decode loop at context %d", options.contexts[0])
-        result["generate_loop"] = generate_overhead(models, context=options.contexts[0],
+        result["generate_loop"] = generate_overhead(dict(models), context=options.contexts[0],
                                                     tokens=options.generate_tokens, device=device, vocab=vocab)
-    result["rows"] = measure_rows(models, options, device=device, vocab=vocab)
+    result["rows"] = measure_rows({**models, **variants}, options, device=device, vocab=vocab)
+    if options.llamacpp:
+        result["llamacpp"] = llamacpp_rows(options.llamacpp, options)
     result["ratios"] = ratios(result["rows"])
     if options.train_steps > 0:
         log.info("training step throughput at seq %d", options.train_seq)
         result["train_tokens_per_s"] = {"seq": options.train_seq, "batch": 1, **train_tokens_per_s(
             models, seq=options.train_seq, steps=options.train_steps, device=device, vocab=vocab)}
     result["load_average_end"] = os.getloadavg()
-    result["notes"] = notes(result)
+    result["notes"] = notes(result) + variant_notes
     return result
 
 

@@ -40,7 +40,8 @@ def _row(rows, model, context, batch):
 
 def _target(name: str, value: float | None, threshold: float, higher_is_better: bool, detail: str = "") -> dict:
     met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
-    return {"target": name, "value": value, "threshold": threshold, "met": met, "detail": detail}
+    return {"target": name, "value": value, "threshold": threshold, "met": met, "detail": detail,
+            "higher_is_better": higher_is_better}
 
 
 def targets(result: dict) -> list[dict]:
@@ -78,9 +79,37 @@ def targets(result: dict) -> list[dict]:
         exponent = 1 + math.log(base[1] / real[-1][1]) / math.log(real[-1][0] / base[0])
     out.append(_target(f"converted prefill time growth exponent p (time ~ L^p) from {base and base[0]} to "
                        f"{real and real[-1][0]}", exponent, 1.15, False))
+    out += variant_targets(result)
     train = result.get("train_tokens_per_s")
     out.append(_target(f"training tokens/s (fwd+bwd, seq {train and train['seq']}) converted / original",
                        train["converted"] / train["original"] if train else None, 1.0, True))
+    return out
+
+
+def variant_targets(result: dict) -> list[dict]:
+    """Issue 16's targets for the rows beside original/converted, where the run has them."""
+    rows, contexts, b1 = result["rows"], result["contexts"], result["batches"][0]
+    ms = {(r["model"], r["context"], r["batch"]): r["decode_ms_per_token"] for r in rows}
+    names = {r["model"] for r in rows}
+    out = []
+    for name in ("converted-int8", "converted-fp16"):
+        if name in names:
+            worst = max(ms[(name, c, b1)] / ms[("converted", c, b1)] for c in contexts)
+            out.append(_target(f"{name} / converted decode time, worst context (batch {b1})", worst, 0.5, False))
+    for name in ("converted-compiled", "converted-int8-compiled", "converted-fp16-compiled"):
+        if name in names:
+            out.append(_target(f"{name} decode at {contexts[0]} / weight-reading floor (batch {b1})",
+                               ms[(name, contexts[0], b1)] / result["weight_floor_ms"] if b1 == 1 else None, 1.2,
+                               False))
+            out.append(_target(f"{name} decode / original decode at {contexts[0]} (batch {b1})",
+                               ms[(name, contexts[0], b1)] / ms[("original", contexts[0], b1)], 1.0, False))
+    llama = {r["context"]: r.get("decode_ms_per_token") for r in (result.get("llamacpp") or {}).get("rows", [])}
+    if llama:
+        best = {c: min(v for (n, cc, b), v in ms.items() if n.startswith("converted") and cc == c and b == 1)
+                for c in contexts if ("converted", c, 1) in ms}
+        for c in (c for c in contexts if c >= 1024 and llama.get(c) and c in best):
+            out.append(_target(f"llama.cpp / best converted decode time at {c} (batch 1)", llama[c] / best[c],
+                               3.0 if c >= 16384 else 1.0, True))
     return out
 
 
@@ -105,6 +134,7 @@ def render_bench(result: dict) -> str:
                      f"{fmt_bytes(o['cache_bytes']):>10} {fmt_bytes(c['cache_bytes']):>10} | "
                      f"{fmt_bytes(max(o['peak_rss_bytes'], c['peak_rss_bytes'])):>9}")
     lines.append(f"weight-reading floor: {result['weight_floor_ms']:.1f} ms")
+    lines += render_variants(result)
     g = result.get("generate_loop")
     if g:
         lines.append(f"HF generate vs lean decode (context {g['context']}, batch 1), ms/token: " + "; ".join(
@@ -141,9 +171,28 @@ def render_targets(targets: list[dict]) -> str:
     for tg in targets:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[tg["met"]]
         lines.append(f"[{verdict}] {tg['target']}: {_fmt(tg['value'], '.3g')} "
-                     f"({'>=' if 'tokens/s' in tg['target'] or tg['target'].startswith('original') else '<='} "
+                     f"({'>=' if tg.get('higher_is_better') else '<='} "
                      f"{tg['threshold']})")
     return "\n".join(lines)
+
+
+def render_variants(result: dict) -> list[str]:
+    """Lines for the rows beside original/converted (int8, compiled, llama.cpp), each with its ratio to the float32
+    converted row of the same context and batch."""
+    rows = result["rows"] + (result.get("llamacpp") or {}).get("rows", [])
+    lines = []
+    for name in sorted({r["model"] for r in rows} - set(MODELS)):
+        cells = []
+        for r in sorted((r for r in rows if r["model"] == name), key=lambda r: (r["batch"], r["context"])):
+            base = _row(result["rows"], "converted", r["context"], r["batch"])
+            ms = r.get("decode_ms_per_token")
+            ratio = f" ({ms / base['decode_ms_per_token']:.2f}x conv)" if ms and base else ""
+            cells.append(f"{r['context']}x{r['batch']} {_fmt(ms)}{ratio}")
+        lines.append(f"{name} ms/token: " + "; ".join(cells))
+    skipped = (result.get("llamacpp") or {}).get("skipped")
+    if skipped:
+        lines.append(skipped)
+    return lines
 
 
 def plot_bench(result: dict, path: str | Path) -> Path:
@@ -160,7 +209,7 @@ def plot_bench(result: dict, path: str | Path) -> Path:
     for (name, batch) in sorted({(r["model"], r["batch"]) for r in result["rows"]}):
         rows = sorted((r for r in result["rows"] if (r["model"], r["batch"]) == (name, batch)),
                       key=lambda r: r["context"])
-        color, marker = styles[name]
+        color, marker = styles.get(name, (None, "^"))
         dash = "-" if batch == result["batches"][0] else "--"
         xs = [r["context"] for r in rows]
         speed.plot(xs, [r["decode_ms_per_token"] for r in rows], dash, color=color, marker=marker,

@@ -61,6 +61,14 @@ class BenchSettings(Settings):
                                                        "decode loop (0 = skip).")
     prefill_chunk: int = Field(2048, ge=0, description="prefill in forwards of this many tokens, carrying the cache "
                                                        "(0 = one forward per context).")
+    quantize: str = Field("none", description="int8, fp16 or both (int8,fp16): also measure the converted model with quantized "
+                                              "weights (t2r.quantize; rows named converted-int8 / converted-fp16), "
+                                              "interleaved with the rest.")
+    compile: bool = Field(False, description="also measure the converted model with its decode step compiled by "
+                                             "torch.compile (rows named converted-compiled; float32 only).")
+    llamacpp: str = Field("", description="a GGUF file: add llama.cpp's decode of it (llama-cpp-python, the "
+                                          "optional extra t2r[llamacpp]) as reference rows; skipped with a note "
+                                          "when the package is not installed.")
 
     @model_validator(mode="after")
     def _sorted(self) -> BenchSettings:

@@ -23,6 +23,7 @@ from ..errors import T2RError
 from ..settings import flag, model_in
 from .chat import chat_command
 from .evaluation import bench_command, eval_command, lm_eval_command
+from .export import export_command
 from .models import convert_command, generate_command, verify_command
 from .recall import recall_command
 from .render import render
@@ -30,7 +31,8 @@ from .training import data_command, demo_command, distill_command, finetune_comm
 
 EXIT_USAGE = 2
 COMMANDS = [convert_command, generate_command, chat_command, verify_command, data_command, distill_command,
-            finetune_command, eval_command, lm_eval_command, recall_command, pipeline_command, bench_command, demo_command]
+            finetune_command, eval_command, lm_eval_command, recall_command, pipeline_command, bench_command, demo_command,
+            export_command]
 FLAG_NAMES = {"as_json": "json"}  # parameters named so as not to shadow a module, keeping the flag users know
 
 

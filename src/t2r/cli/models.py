@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import T2RError
 from ..recipe import INITS
@@ -37,6 +37,35 @@ class SamplingSettings(Settings):
 
         return Sampling(do_sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                         seed=self.seed)
+
+
+class SpeedSettings(Settings):
+    """How `t2r generate` runs the model: the weights' dtype, quantized weights, a compiled decode step."""
+
+    dtype: str = Field("float32", description="weights in float32, bfloat16 or float16 (the recurrent state stays "
+                                              "float32).")
+    quantize: str = Field("none", description="none; int8: int8 weights and per-call int8 activations for every "
+                                              "pretrained linear layer (fastest, costs perplexity); fp16: 16-bit "
+                                              "weights, float32 activations (near lossless). CPU; the recurrent "
+                                              "state stays float32.")
+    compile: bool = Field(False, description="compile the one-token decode step with torch.compile (inductor); "
+                                             "falls back to eager decoding, saying why, where it cannot.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"is one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+
+    @field_validator("quantize")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        from ..quantize import QUANTIZE_MODES
+
+        if value not in QUANTIZE_MODES:
+            raise ValueError(f"is one of {', '.join(QUANTIZE_MODES)}, got {value!r}")
+        return value
 
 
 def torch_dtype(name: str):
@@ -141,7 +170,8 @@ def load_any(model: str, *, dtype: str = "float32"):
 
 def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, chat: bool = False,
                      raw: bool = False, system: str | None = None, stream: bool = True,
-                     options: SamplingSettings | None = None, dtype: str = "float32", as_json: bool = False) -> dict:
+                     options: SamplingSettings | None = None, speed: SpeedSettings | None = None,
+                     as_json: bool = False) -> dict:
     """Generate text with a converted model: chunked prefill, then one recurrent step per token.
 
     A model whose tokenizer has a chat template (an Instruct model, like the default SmolLM2) is asked the prompt as a
@@ -156,24 +186,32 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
         system: a system message for the chat template.
         stream: print the text as it is generated (not with --json).
         options: how each token is picked: greedy, or sampled.
-        dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
+        speed: the weights' dtype, quantized weights (--quantize int8 or fp16), a compiled decode step (--compile).
         as_json: print the result as JSON.
     """
     if max_new_tokens <= 0:
         raise T2RError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    speed = speed or SpeedSettings()
     if chat and raw:
         raise T2RError("--chat and --raw exclude each other: give one")
     if system is not None and raw:
         raise T2RError("--system is a message of the chat template: leave out --raw")
-    torch_dtype(dtype)
-    from ..chat import Chat, has_chat_template
+    from ..chat import Chat, chat_text, has_chat_template
     from ..generate import generate
+    from ..quantize import quantize as quantize_model
 
     sampling = (options or SamplingSettings()).sampling()
-    hf_model, tokenizer = load_converted(model, dtype=dtype)
+    hf_model, tokenizer = load_converted(model, dtype=speed.dtype)
+    quantize_model(hf_model, speed.quantize)
+    extra = {"quantize": speed.quantize}
     use_chat = not raw and (chat or has_chat_template(tokenizer))
-    streaming = stream and not as_json
-    if use_chat:
+    streaming = stream and not as_json and not speed.compile  # the compiled step returns the text at the end
+    if speed.compile:
+        messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+        text, new_tokens, seconds, state_bytes = _compiled_generate(
+            hf_model, tokenizer, chat_text(tokenizer, messages) if use_chat else prompt, max_new_tokens, sampling,
+            extra)
+    elif use_chat:
         talk = Chat(hf_model, tokenizer, system=system, max_new_tokens=max_new_tokens, sampling=sampling)
         reply = talk.say(prompt, streamer=text_streamer(tokenizer) if streaming else None)
         text, new_tokens, seconds, state_bytes = reply.text, reply.new_tokens, reply.seconds, reply.state_bytes
@@ -185,7 +223,19 @@ def generate_command(model: str, *, prompt: str = DEMO_PROMPT, max_new_tokens: i
         text, new_tokens, seconds, state_bytes = result.texts[0], result.new_tokens, result.seconds, result.state_bytes
     return {"prompt": prompt, "chat": bool(use_chat), "text": text, "streamed": streaming, "new_tokens": new_tokens,
             "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
-            "state_bytes": state_bytes}
+            "state_bytes": state_bytes, **extra}
+
+
+def _compiled_generate(hf_model, tokenizer, text: str, max_new_tokens: int, sampling, extra: dict):
+    """(text, new tokens, seconds, state bytes) from the compiled decode step (or eager, saying why, in `extra`)."""
+    from ..step import compiled_decoder, generate_lean
+
+    built = compiled_decoder(hf_model)
+    extra.update(compiled=built.compiled, compile_seconds=round(built.compile_seconds, 1))
+    if not built.compiled:
+        extra["compile_fallback"] = built.reason
+    result = generate_lean(built.model, tokenizer, text, max_new_tokens=max_new_tokens, sampling=sampling)
+    return result.texts[0], result.new_tokens, result.seconds, result.state_bytes
 
 
 def text_streamer(tokenizer):

@@ -1,0 +1,38 @@
+"""The faster ways to run the converted model that `t2r bench` can measure beside it (same weights, same process,
+their decode steps interleaved with the original's and the float32 converted model's): int8 or fp16 weights
+(`t2r.quantize`) and a compiled float32 decode step (`t2r.step`). Quantized models are not compiled: dynamo cannot
+trace their linears (a graph break in every layer), and on this CPU the result was slower than eager int8."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from ..quantize import check_quantize, quantize
+from ..step import compiled_decoder
+from .settings import BenchSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_variants(converted, options: BenchSettings) -> tuple[dict, list[str]]:
+    """({name: model} of the variants `options` ask for, notes on what was built and what fell back)."""
+    variants, notes = {}, []
+    for mode in [check_quantize(m.strip()) for m in options.quantize.split(",") if m.strip() != "none"]:
+        log.info("bench: building the %s converted model", mode)
+        name = f"converted-{mode}"
+        variants[name] = quantize(copy.deepcopy(converted), mode)
+        notes.append(f"{name}: the converted model with every pretrained nn.Linear (projections, MLP, LM head) as "
+                     f"PyTorch's dynamically quantized {mode} linear (t2r.quantize); feature maps and state float32")
+    if options.compile:  # dynamo cannot trace the quantized linears (a graph break per layer): float32 only
+        for name, model in {"converted": converted}.items():
+            log.info("bench: compiling the decode step of %s", name)
+            built = compiled_decoder(model)
+            if built.compiled:
+                variants[f"{name}-compiled"] = built.model
+                notes.append(f"{name}-compiled: its one-token step compiled by torch.compile (inductor), "
+                             f"{built.compile_seconds:.0f} s to compile at batch 1 (other batch sizes recompile "
+                             "during warm-up)")
+            else:
+                notes.append(f"{name}-compiled: not measured: {built.reason}")
+    return variants, notes

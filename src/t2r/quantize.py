@@ -1,0 +1,84 @@
+"""Smaller weights for CPU decode: every pretrained `nn.Linear` (projections, MLP, LM head) becomes PyTorch's dynamically
+quantized linear, applied at load time: int8 (int8 weights with per-output-channel scales, activations quantized to
+8 bits per call) or fp16 (float16 weights, float32 activations).
+
+What the conversion added (feature maps, mixer parameters) stays float32, and so does the recurrent state: the
+state update and read-out run in float32 exactly as before. Only the matrix-vector products with the big pretrained
+weights read a quarter (int8) or half (fp16) of the bytes, which is where a decode step spends most of its time.
+int8's 8-bit activations cost perplexity on models with activation outliers (SmolLM2's MLP down projection);
+fp16 does not (docs/RESULTS.md, issue 16).
+
+Why this kernel: `benchmarks/quantize_kernels.py` on the 2-core EPYC VM at 1 thread, SmolLM2's shapes at batch 1:
+PyTorch's `quantize_dynamic` linear (fbgemm/x86, per-channel int8 weights) took 0.4-0.5x the float32 time for the
+MLP projections and under 0.1x for the 49152-row LM head, while torchao 0.18's int8 configs took 1-17x (without
+`torch.compile` they dequantise in eager ops) and `torch._weight_int8pack_mm` 3-22x.
+
+    model = t2r.load("runs/rnn"); quantize(model, "int8")      # in place; returns the model
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .attention import is_conversion_parameter
+from .errors import T2RError
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_MODES = ("none", "int8", "fp16")
+
+
+def check_quantize(mode: str | None) -> str:
+    """The mode as given, or a one-line error listing the known ones."""
+    mode = mode or "none"
+    if mode not in QUANTIZE_MODES:
+        raise T2RError(f"--quantize is one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
+    if mode != "none" and "fbgemm" not in torch.backends.quantized.supported_engines \
+            and "x86" not in torch.backends.quantized.supported_engines:
+        raise T2RError(f"--quantize {mode} needs PyTorch's fbgemm/x86 quantized engine, which this torch build lacks: "
+                       "run without --quantize")
+    return mode
+
+
+def pretrained_linear_names(model: nn.Module) -> set[str]:
+    """Names of the `nn.Linear` modules that hold pretrained weights (not feature maps or mixer parameters)."""
+    return {name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not is_conversion_parameter(name + ".weight")}
+
+
+def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
+    """Swap the pretrained linears of `model` (on the CPU, float32) for quantized ones, in place; "none" does nothing.
+
+    int8: per-output-channel int8 weights, activations quantized to 8 bits per call (fbgemm's int8 GEMM). fp16:
+    weights stored as float16, activations and accumulation float32 (fbgemm's fp16 GEMM): half the bytes, near
+    lossless. Tied weights (an LM head sharing the embedding) are untied on the way: the head gets its own quantized
+    copy and the embedding lookup stays float32. Records `model.config.t2r_quantize = mode`."""
+    mode = check_quantize(mode)
+    if mode == "none":
+        return model
+    param = next(model.parameters())
+    if param.device.type != "cpu":
+        raise T2RError(f"--quantize {mode} runs on the CPU only; the model is on {param.device}")
+    if param.dtype != torch.float32:
+        raise T2RError(f"--quantize {mode} starts from float32 weights; the model is {param.dtype}")
+    names = pretrained_linear_names(model)
+    if not names:
+        raise T2RError(f"--quantize {mode}: the model has no nn.Linear layers to quantize")
+    engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch.backends.quantized.engine = engine
+    qconfig, dtype = ((torch.ao.quantization.per_channel_dynamic_qconfig, torch.qint8) if mode == "int8" else
+                      (torch.ao.quantization.float16_dynamic_qconfig, torch.float16))
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in names}, dtype=dtype, inplace=True)
+    model.config.t2r_quantize = mode
+    log.info("quantized %d linear layers to %s (%s engine)", len(names), mode, engine)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
