@@ -121,6 +121,10 @@ def render(command: str, r: dict) -> str:
         bounds = f"tolerance {r['tolerance']} in {r['dtype']}" + (
             f", {r['exact_tolerance']} in float64" if "exact_tolerance" in r else "")
         return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
+    if command == "data" and "train_pairs" in r:
+        return (f"{r['source']} -> {r['out']}: {r['train_pairs']:,} train and {r['heldout_pairs']:,} held-out pairs "
+                f"(skipped: {r['skipped_empty']} with an empty side, {r['format_only']} format-only, "
+                f"{r['duplicates']} duplicates, {r['removed_overlapping_heldout']} overlapping held-out)")
     if command == "data":
         return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "
                 f"tokens in blocks of {r['block_size']}")

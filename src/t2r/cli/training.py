@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data import prepare_data, tokenizer_of
 from ..errors import T2RError
+from ..parallel import is_parallel_source, prepare_parallel
 from ..stages.distill import attention_transfer, load_training_data
 from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
 from ..stages.pipeline import run_pipeline
@@ -23,12 +24,17 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
     """Build a tokenized corpus (train / held-out blocks) from text files, a directory, jsonl or a built-in corpus.
 
     Args:
-        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix.
-        out: directory to write train.safetensors, heldout.safetensors and meta.json to.
-        model: model whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct).
+        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix; or translation pairs: parallel:SRC,TGT (aligned files), parallel:FILE.tsv, parallel:FILE.jsonl ({"src","tgt"}), gettext:LANG[:DIR] (see t2r.parallel).
+        out: directory to write train.safetensors, heldout.safetensors and meta.json to (pairs: train.jsonl, heldout.jsonl and meta.json).
+        model: model whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct; pairs are kept as text).
         block_size: tokens per block.
         as_json: print the summary as JSON.
     """
+    if is_parallel_source(source):
+        meta = prepare_parallel(source, out)
+        return {"source": source, "out": str(out), **{k: meta[k] for k in (
+            "train_pairs", "heldout_pairs", "skipped_empty", "format_only", "duplicates",
+            "removed_overlapping_heldout")}}
     tokenizer = tokenizer_of(model)
     blocks = prepare_data(source, tokenizer, block_size=block_size, out_dir=out)
     return {"source": source, "out": str(out), "train_tokens": blocks.meta["train_tokens"],
