@@ -17,9 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from .adapters.base import base_model_type, check_model_type, drop_dequantized_quantizer, model_type_of_gguf
+from .adapters.classes import auto_class
 from .errors import ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,13 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, ModelSource) for a causal LM of a family t2r converts (refused before loading
     otherwise). GGUF weights are dequantized into a normal model."""
     source = resolve(spec)
-    check_model_type(model_type_of(source), source.describe())
+    model_type = check_model_type(model_type_of(source), source.describe())
     kwargs = {"dtype": dtype}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     log.info("loading %s", source.describe())
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = auto_class(model_type).from_pretrained(source.path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except (OSError, ValueError, KeyError) as err:
         raise ModelSourceError(_explain(source, err)) from err
