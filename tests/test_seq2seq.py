@@ -20,7 +20,8 @@ from t2r.adapters import RecurrentLayer, adapter_for, original_model
 from t2r.adapters.seq2seq import CrossLinearAttention, DecoderSelfLinearAttention, EncoderLinearAttention
 from t2r.attention import is_conversion_parameter
 from t2r.convert import convert, keep_softmax
-from t2r.errors import T2RError
+from t2r.errors import T2RError, UnsupportedModelError
+from t2r.sources import load_model
 
 REL = 1e-4
 SOURCE_LEN, TARGET_LEN = 11, 9
@@ -255,3 +256,12 @@ def test_adapter_knows_the_families():
     for family in FAMILIES:
         adapter = adapter_for(tiny_seq2seq(family))
         assert adapter.max_positions(tiny_seq2seq(family).config) == 40
+
+
+def test_t5_is_refused_for_its_relative_position_bias(tmp_path):
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(UnsupportedModelError, match="relative position bias"):
+        adapter_for(transformers.T5ForConditionalGeneration(config))
+    config.save_pretrained(tmp_path)  # refused from config.json alone, before any weights load
+    with pytest.raises(UnsupportedModelError, match="'t5'.*relative position bias"):
+        load_model(str(tmp_path))

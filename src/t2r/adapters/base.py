@@ -126,6 +126,7 @@ def reference_mask(length: int, window: int | None, device=None) -> torch.Tensor
 
 
 ADAPTERS = Registry("model family", UnsupportedModelError)
+REFUSED: dict[str, str] = {}  # model types refused on purpose -> why (filled by the adapters that decided it)
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -147,6 +148,9 @@ def base_model_type(config) -> str:
 def check_model_type(model_type: str, what: str = "") -> str:
     """`model_type` if an adapter knows it, else UnsupportedModelError in one line naming the supported families
     (`what` describes the model, e.g. its class). Needs only the type: callers check before loading any weights."""
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model type {model_type!r}{f' ({what})' if what else ''} is not converted by t2r: "
+                                    f"{REFUSED[model_type]}")
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"no t2r adapter for model type {model_type!r}{f' ({what})' if what else ''}; "

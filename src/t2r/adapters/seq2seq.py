@@ -12,6 +12,9 @@ the same whatever the source length. Beam search reorders those states with the 
 Cross-attention and the encoder always use the plain linear form (the recipe's feature map; its mixer applies only
 to the causal decoder self-attention, where windows and gates mean something). Positions are absolute and added to
 the embeddings (Marian: sinusoidal, BART: learned), so there is nothing to apply here.
+
+T5 and its relatives are refused before their weights load: their relative position bias is added to attention
+scores, which linear attention does not form (dropping it would silently change the model).
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from ..errors import UnsupportedModelError
 from ..ops import linear_attention
 from ..ops.common import LinearState, guard
 from ..recipe import Recipe
-from .base import Adapter, HFClasses, key_mask_from, register_adapter
+from .base import REFUSED, Adapter, HFClasses, key_mask_from, register_adapter
 from .cache import recurrent_slot
 
 ENCODER_CHOICES = ("softmax", "linear")
+RELATIVE_BIAS = ("its attention adds a learned relative position bias, bucketed by the query-key distance, to every "
+                 "score; linear attention sums phi(k_j) v_j^T without scores, so the bias would have to be dropped, "
+                 "which changes what the model computes. Convert a model with absolute positions (Marian, BART)")
+REFUSED.update({family: RELATIVE_BIAS for family in ("t5", "mt5", "umt5", "longt5", "switch_transformers")})
 
 
 def plain_linear(recipe: Recipe) -> Recipe:

@@ -30,6 +30,7 @@ from ..persistence import load
 from ..settings import Settings
 from ..sources import load_model
 from .models import load_with_teacher
+from .translation import bleu_eval
 
 log = logging.getLogger("t2r")
 
@@ -122,7 +123,7 @@ def _ablations(student, run, parts: str) -> dict:
 
 def eval_command(model: str, *, data: str = "austen", split: str = "heldout", context: str = "512",
                  text: str | None = None, teacher_model: str | None = None, options: EvalOptions = EvalOptions(),
-                 as_json: bool = False) -> dict:
+                 bleu: bool = False, beam: int = 4, as_json: bool = False) -> dict:
     """Perplexity of a converted model beside its original (the teacher) on the same tokens; with --positions, loss
     by position over long held-out documents; with --ablate, also with a part of the converted model switched off.
 
@@ -138,8 +139,12 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
         teacher_model: evaluate this model (GGUF file, HF directory, hub id) as the teacher instead; use the source
             model after full finetuning, which changes the weights the rebuilt original would use.
         options: how to evaluate.
+        bleu: translation models: BLEU and chrF (sacrebleu) of beam search on --data, a parallel folder from `t2r data parallel:... --out` (or a parallel:/gettext: source); --max-blocks caps the sentences.
+        beam: with --bleu: the beam size.
         as_json: print the result as JSON.
     """
+    if bleu:
+        return bleu_eval(model, data, split, beam, options.max_blocks, options.teacher)
     if split not in SPLITS:
         raise T2RError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     context = parse_context(context)

@@ -24,14 +24,15 @@ DEMO_PROMPT = "It is a truth universally acknowledged"
 
 
 def convert_command(model: str | None = None, *, options: ConvertSettings = ConvertSettings(),
-                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False,
-                    as_json: bool = False) -> dict:
+                    init: str = "pretrained", encoder: str | None = None, out: str = "runs/rnn",
+                    overwrite: bool = False, as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
         model: GGUF file, HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct.
         options: the conversion recipe, as a recipe's `convert:` takes it.
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
+        encoder: translation models (Marian, BART): softmax (default: the paper's choice) or linear (non-causal linear attention in the encoder too); the decoder's self- and cross-attention are always converted.
         out: directory to write the converted model to (safetensors + JSON, written atomically).
         overwrite: replace --out if it already holds a t2r model.
         as_json: print the result as JSON.
@@ -45,7 +46,7 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
     recipe = options.recipe()
     log.info("converting %s: %s, feature_dim=%s, mixer=%s", source.describe(), recipe.feature_map,
              recipe.feature_dim, recipe.mixer)
-    converted = convert(hf_model, recipe, seed=options.seed, convert_layers=options.convert_layers)
+    converted = convert(hf_model, recipe, seed=options.seed, convert_layers=options.convert_layers, encoder=encoder)
     log.info("saving to %s", out)
     save(converted, out, tokenizer, overwrite=overwrite)
     return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,

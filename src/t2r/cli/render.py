@@ -25,6 +25,10 @@ def render_distill(r: dict) -> str:
 
 def render_finetune(r: dict) -> str:
     """Human-readable text for `t2r finetune`."""
+    if "heldout_loss_after" in r:  # on sentence pairs
+        return (f"finetuned {r['model']} on {r['data']} ({r['pairs']:,} pairs) -> {r['out']}: {r['steps']} steps, "
+                f"{r['target_tokens']:,} target tokens in {r['seconds']} s\nheld-out loss per target token: before "
+                f"{r['heldout_loss_before']:.4f}, after {r['heldout_loss_after']:.4f}")
     how = f"LoRA rank {r['lora']} (merged)" if r["lora"] else "full finetuning"
     if r["kd"]:
         how += f" + KD {r['kd']}"
@@ -33,6 +37,17 @@ def render_finetune(r: dict) -> str:
     return (f"finetuned {r['model']} on {r['data']} ({how}) -> {r['out']}: {r['steps']} steps, {r['tokens']:,} tokens "
             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))\n"
             f"held-out perplexity: before {fmt(before)}, after {fmt(after)}")
+
+
+def render_bleu(r: dict) -> str:
+    """The BLEU / chrF table of `t2r eval --bleu`."""
+    lines = [f"{r['model']} on {r['data']} {r['split']}: {r['sentences']} sentences, beam {r['beam']}",
+             f"{'':14} {'BLEU':>7} {'chrF':>7} {'seconds':>8}"]
+    for name, label in (("teacher", "original"), ("student", "converted")):
+        if name in r:
+            m = r[name]
+            lines.append(f"{label:14} {m['bleu']:7.2f} {m['chrf']:7.2f} {m['seconds']:8.1f}")
+    return "\n".join(lines)
 
 
 def render_pipeline(r: dict) -> str:
@@ -44,6 +59,8 @@ EVAL_LABELS = {"teacher": "original", "student": "converted"}
 
 def render_eval(r: dict) -> str:
     """The table `t2r eval` prints."""
+    if r.get("bleu_eval"):
+        return render_bleu(r)
     if r.get("positions"):
         return _render_positions(r)
     rows = {EVAL_LABELS[n]: r[n] for n in ("teacher", "student") if n in r}
@@ -113,6 +130,8 @@ def render(command: str, r: dict) -> str:
                 f"({rec['feature_map']}, feature_dim={rec['feature_dim']}, window={rec['window']}, "
                 f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
                 f"{r['seconds']} s")
+    if command == "translate":
+        return f"{r['translation']}\n\n[beam {r['beam']}, {r['seconds']} s]"
     if command == "generate":
         return (f"{r['prompt']}{r['text']}\n\n[{r['new_tokens']} tokens in {r['seconds']} s, "
                 f"{r['tokens_per_s']} tokens/s, state {fmt_bytes(r['state_bytes'])}]")

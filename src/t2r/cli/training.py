@@ -8,13 +8,14 @@ from pathlib import Path
 
 from ..data import prepare_data, tokenizer_of
 from ..errors import T2RError
-from ..parallel import is_parallel_source, prepare_parallel
+from ..parallel import is_parallel_dir, is_parallel_source, prepare_parallel
 from ..stages.distill import attention_transfer, load_training_data
 from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
 from ..stages.pipeline import run_pipeline
 from ..stages.recipes import read_recipe
 from ..train import DistillSettings, FinetuneSettings, check_run_dir
 from .models import load_any, load_converted
+from .translation import finetune_pairs
 
 log = logging.getLogger("t2r")
 
@@ -77,7 +78,7 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
 
     Args:
         model: directory of a converted model (e.g. from `t2r distill`); a plain model also works (a baseline).
-        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder.
+        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder; for a translation model, sentence pairs (a folder from `t2r data parallel:...`, or a parallel:/gettext: source): teacher-forced cross-entropy on the target tokens, --batch-size pairs per step, no checkpoints.
         options: the training settings, as a recipe's `finetune:` takes them.
         teacher: teacher model for --kd (HF directory, GGUF file); default: the student's own original model.
         out: run directory: metrics.jsonl, checkpoint/, then the final model.
@@ -87,6 +88,8 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
         progress: show a progress bar on stderr.
         as_json: print the result as JSON.
     """
+    if is_parallel_source(data) or is_parallel_dir(data):  # a translation model on sentence pairs
+        return finetune_pairs(model, data, options, out, overwrite)
     if teacher is not None and not options.kd:
         raise T2RError("--teacher is used only for distillation: add --kd WEIGHT (e.g. --kd 1)")
     config = options.train_config(progress)
