@@ -15,7 +15,16 @@ from transformers import PreTrainedTokenizerFast
 
 from t2r.cli import main
 from t2r.errors import T2RError
-from t2r.translation import PairTraining, bleu_chrf, check_translation_model, encode_sources, train_pairs, translate
+from t2r.convert import convert
+from t2r.translation import (
+    PairTraining,
+    bleu_chrf,
+    check_translation_model,
+    encode_sources,
+    train_pairs,
+    transfer_attention,
+    translate,
+)
 
 WORDS = "the file could not be opened saved closed a window was new old die datei konnte nicht geöffnet werden " \
         "gespeichert geschlossen ein fenster wurde neu alt"
@@ -155,3 +164,19 @@ def test_training_learns_the_pairs():
     model = tiny_marian(len(tokenizer))
     train_pairs(model, tokenizer, PAIRS, PairTraining(tokens=12000, batch_size=8, lr=3e-3, seed=0))
     assert translate(model, tokenizer, ["the file was saved"], beam=2) == ["die datei wurde gespeichert"]
+
+
+def test_attention_transfer_trains_only_feature_maps_and_lowers_its_loss():
+    tokenizer = word_tokenizer()
+    teacher = tiny_marian(len(tokenizer))
+    train_pairs(teacher, tokenizer, PAIRS, PairTraining(tokens=4000, batch_size=8, lr=3e-3))
+    student = convert(teacher, feature_map="t2r", feature_dim=16)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    losses = []
+    transfer_attention(student, tokenizer, PAIRS, PairTraining(tokens=3000, batch_size=8, lr=1e-2),
+                       on_step=lambda step, loss, seen: losses.append(loss))
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".feature_map." in n for n in changed), sorted(changed)[:5]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert {n for n, p in student.named_parameters() if p.requires_grad} == trainable  # as they were

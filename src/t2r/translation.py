@@ -155,47 +155,100 @@ def lr_at(step: int, steps: int, settings: PairTraining) -> float:
     return settings.lr * (settings.min_lr + (1 - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def length_batches(data: list, batch_size: int, rng: random.Random):
+    """Endless batches of indices into `data`: shuffled, then sorted by source length within pools of 50 batches
+    (little padding), the batches shuffled again."""
+    while True:
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        pool = 50 * batch_size
+        chunks = [sorted(order[i: i + pool], key=lambda j: len(data[j][0])) for i in range(0, len(order), pool)]
+        batches = [c[j: j + batch_size] for c in chunks for j in range(0, len(c), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def _optimise(model, params, data, settings: PairTraining, loss_of, on_step) -> dict:
+    """AdamW over `params` on `loss_of(batch) -> (loss, target tokens)` until `settings.tokens` target tokens."""
+    mean_tokens = sum(len(t) for _, t in data) / len(data)
+    steps = max(1, math.ceil(settings.tokens / (mean_tokens * settings.batch_size)))
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    seen, step, losses, start = 0, 0, [], time.perf_counter()
+    for idx in length_batches(data, settings.batch_size, random.Random(settings.seed)):
+        if seen >= settings.tokens:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, settings)
+        loss, n = loss_of([data[i] for i in idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        seen, step = seen + n, step + 1
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1], seen)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": step, "target_tokens": seen, "final_loss": round(sum(tail) / len(tail), 6),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def train_pairs(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], settings: PairTraining, *,
                 on_step=None) -> dict:
     """Train every parameter of `model` on `pairs` (teacher-forced cross-entropy on target tokens) until
     `settings.tokens` target tokens have been seen (the learning-rate schedule spans the steps that budget is
-    expected to take); shuffled by `settings.seed`, batches of similar lengths.
-    `on_step(step, loss, tokens)` is called after each optimizer step. Returns a summary."""
+    expected to take); shuffled by `settings.seed`, batches of similar lengths. `on_step(step, loss, tokens)` is
+    called after each optimizer step. Returns a summary."""
     check_translation_model(model, "training on sentence pairs")
-    data = encode_pairs(tokenizer, pairs, settings.max_length)
-    mean_tokens = sum(len(t) for _, t in data) / len(data)
-    steps = max(1, math.ceil(settings.tokens / (mean_tokens * settings.batch_size)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    rng, pad = random.Random(settings.seed), pad_id_of(model, tokenizer)
+    data, pad = encode_pairs(tokenizer, pairs, settings.max_length), pad_id_of(model, tokenizer)
     model.train()
-    seen, step, losses, start = 0, 0, [], time.perf_counter()
-    while seen < settings.tokens:
-        order = list(range(len(data)))
-        rng.shuffle(order)
-        chunks = [order[i: i + 50 * settings.batch_size] for i in range(0, len(order), 50 * settings.batch_size)]
-        batches = [sorted(c, key=lambda i: len(data[i][0]))[j: j + settings.batch_size]
-                   for c in chunks for j in range(0, len(c), settings.batch_size)]
-        rng.shuffle(batches)
-        for idx in batches:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, settings)
-            loss, n = pair_loss(model, [data[i] for i in idx], pad)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            seen, step = seen + n, step + 1
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(step, losses[-1], seen)
-            if seen >= settings.tokens:
-                break
-    model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": step, "target_tokens": seen, "final_loss": round(sum(tail) / len(tail), 4),
-            "seconds": round(time.perf_counter() - start, 2)}
+    try:
+        return _optimise(model, [p for p in model.parameters() if p.requires_grad], data, settings,
+                         lambda batch: pair_loss(model, batch, pad), on_step)
+    finally:
+        model.eval()
+
+
+def transfer_attention(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], settings: PairTraining, *,
+                       on_step=None) -> dict:
+    """Attention transfer for a converted translation model: only the conversion's parameters (feature maps) train,
+    so that each converted decoder attention (self and cross) gives the output of the softmax attention it replaced
+    (same projections), mean squared error summed over layers, on the inputs the model itself hands each layer
+    while reading `pairs` (teacher forcing). Every other weight is left as it was."""
+    from .attention import is_conversion_parameter
+
+    check_translation_model(model, "attention transfer")
+    modules = [m for m in model.modules() if hasattr(m, "transfer_pair")]
+    if not modules:
+        raise T2RError("attention transfer needs a converted translation model (t2r convert)")
+    captured: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kwargs: captured.__setitem__(mod, (args, kwargs)),
+                                         with_kwargs=True) for m in modules]
+    params = [p for n, p in model.named_parameters() if is_conversion_parameter(n)]
+    data, pad = encode_pairs(tokenizer, pairs, settings.max_length), pad_id_of(model, tokenizer)
+
+    def loss_of(batch):
+        with torch.no_grad():
+            _, n = pair_loss(model, batch, pad)  # fills `captured` with each module's inputs
+        total = 0.0
+        for module, (args, kwargs) in captured.items():
+            linear, reference = module.transfer_pair(args[0] if args else kwargs["hidden_states"],
+                                                     kwargs.get("key_value_states"), kwargs.get("attention_mask"))
+            total = total + torch.nn.functional.mse_loss(linear.float(), reference.float())
+        return total, n
+
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and not is_conversion_parameter(n)]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.eval()  # no dropout: the layers' inputs are the model's own
+    try:
+        return _optimise(model, params, data, settings, loss_of, on_step)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 @torch.no_grad()

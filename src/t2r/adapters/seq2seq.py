@@ -23,6 +23,7 @@ from dataclasses import replace
 from importlib import import_module
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
@@ -90,6 +91,15 @@ class DecoderSelfLinearAttention(Seq2SeqLinearAttention):
                         mode=kwargs.get("t2r_mode"))
         return self.output(o), None
 
+    def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None):
+        """(linear output, the pretrained softmax attention's output) [B, T, H, D] on the same input, before the
+        output projection: what attention transfer compares. No cache."""
+        q, k, v = (self.heads(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
+        mask = key_mask_from(attention_mask, q.shape[1])
+        reference = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=True, scale=self.scale).transpose(1, 2)
+        return self.attend(q, k, v, key_mask=mask), reference
+
 
 class CrossLinearAttention(Seq2SeqLinearAttention):
     """Cross-attention: phi(q_t)^T S / phi(q_t)^T z with (S, z) over the source, made once per sentence."""
@@ -126,6 +136,17 @@ class CrossLinearAttention(Seq2SeqLinearAttention):
             if slot is not None:
                 slot.advance(state, key_value_states.shape[1])
         return self.output(self.read(q, state)), None
+
+    def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None):
+        """(linear output, the pretrained softmax cross-attention's output) [B, T, H, D], before the output
+        projection, over the real source tokens."""
+        q = self.heads(self.q_proj, hidden_states)
+        k, v = self.heads(self.k_proj, key_value_states), self.heads(self.v_proj, key_value_states)
+        mask = source_key_mask(attention_mask)
+        reference = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+            attn_mask=None if mask is None else mask[:, None, None, :]).transpose(1, 2)
+        return self.read(q, self.source_state(key_value_states, mask)), reference
 
 
 class EncoderLinearAttention(Seq2SeqLinearAttention):
