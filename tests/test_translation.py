@@ -99,7 +99,7 @@ def test_translate_command(converted_dir, capsys):
 
 def test_translate_matches_library_and_beam_1_is_greedy(converted_dir):
     from t2r.cli.models import load_any
-    model, tokenizer = load_any(str(converted_dir))
+    model, tokenizer = load_any(str(converted_dir), translation=True)
     src = ["the file was saved", "a window"]
     beam1 = translate(model, tokenizer, src, beam=1, max_new_tokens=6)
     ids = [tokenizer(s, return_tensors="pt") for s in src]
@@ -110,7 +110,7 @@ def test_translate_matches_library_and_beam_1_is_greedy(converted_dir):
 
 def test_long_source_is_truncated_with_a_warning(converted_dir, caplog):
     from t2r.cli.models import load_any
-    model, tokenizer = load_any(str(converted_dir))
+    model, tokenizer = load_any(str(converted_dir), translation=True)
     long_text = " ".join(["the file"] * 30)  # 61 tokens > 24 positions
     with caplog.at_level(logging.WARNING):
         ids = encode_sources(tokenizer, [long_text, "the file"], 24)
@@ -180,3 +180,12 @@ def test_attention_transfer_trains_only_feature_maps_and_lowers_its_loss():
     assert changed and all(".feature_map." in n for n in changed), sorted(changed)[:5]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert {n for n, p in student.named_parameters() if p.requires_grad} == trainable  # as they were
+
+
+@pytest.mark.parametrize("argv", [["verify"], ["generate"], ["eval", "--max-blocks", "1"], ["bench"], ["recall"],
+                                  ["distill", "--tokens", "1k", "--out", "OUT"], ["finetune", "--out", "OUT"]])
+def test_language_model_commands_refuse_a_translation_model(converted_dir, tmp_path, capsys, argv):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main([argv[0], str(converted_dir), *argv[1:]]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "weights" not in ln]
+    assert len(err) == 1 and "translation (encoder-decoder) model" in err[0] and "t2r translate" in err[0]

@@ -29,7 +29,7 @@ from ..longeval import PositionSettings, plot_positions, position_losses
 from ..persistence import load
 from ..settings import Settings
 from ..sources import load_model
-from .models import load_with_teacher
+from .models import check_language_model, load_with_teacher
 from .translation import bleu_eval
 
 log = logging.getLogger("t2r")
@@ -261,6 +261,7 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
     converted = load(model)
+    check_language_model(converted, model)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:

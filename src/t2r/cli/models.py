@@ -56,21 +56,34 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def load_converted(path: str, *, need_tokenizer: bool = True):
-    """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops."""
+def check_language_model(model, path: str) -> None:
+    """Commands that read token streams (verify, distill, LM finetuning, perplexity, bench, recall, generate) need a
+    decoder-only LM: refuse a translation model in one line that says which commands take it."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise T2RError(f"{path!r} is a translation (encoder-decoder) model and this command works on decoder-only "
+                       "language models: use `t2r translate`, `t2r eval --bleu` or `t2r finetune --data PAIRS`")
+
+
+def load_converted(path: str, *, need_tokenizer: bool = True, translation: bool = False):
+    """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops; a
+    translation model only where `translation` says the command takes one."""
     log.info("loading %s", path)
     model, tokenizer = load(path), load_tokenizer(path)
+    if not translation:
+        check_language_model(model, path)
     if tokenizer is None and need_tokenizer:
         raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
 
 
-def load_any(model: str):
+def load_any(model: str, *, translation: bool = False):
     """(model, tokenizer): a converted directory with `t2r.load`, anything else (GGUF file, HF directory, hub id)
-    through `t2r.sources`; a tokenizer is required."""
+    through `t2r.sources`; a tokenizer is required; a translation model only where `translation` says so."""
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        return load_converted(model)
+        return load_converted(model, translation=translation)
     loaded, tokenizer, _ = load_model(model)
+    if not translation:
+        check_language_model(loaded, model)
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
     return loaded, tokenizer
@@ -117,11 +130,11 @@ def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, as_json:
     return report
 
 
-def load_with_teacher(model: str):
+def load_with_teacher(model: str, *, translation: bool = False):
     """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
     its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
     alone (`eval`, `recall`)."""
-    loaded, tokenizer = load_any(model)
+    loaded, tokenizer = load_any(model, translation=translation)
     if is_converted(loaded):
         return loaded, lambda: original_model(loaded), tokenizer
     return None, lambda: loaded, tokenizer

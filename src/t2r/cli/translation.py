@@ -30,7 +30,7 @@ def translate_command(model: str, *, src: str, beam: int = 4, max_new_tokens: in
         max_new_tokens: most tokens to generate (0: twice the source length plus 10).
         as_json: print the result as JSON.
     """
-    loaded, tokenizer = load_any(model)
+    loaded, tokenizer = load_any(model, translation=True)
     check_translation_model(loaded, "t2r translate")
     start = time.perf_counter()
     text = translate(loaded, tokenizer, [src], beam=beam, max_new_tokens=max_new_tokens or None)[0]
@@ -41,7 +41,7 @@ def translate_command(model: str, *, src: str, beam: int = 4, max_new_tokens: in
 def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | None, teacher: bool) -> dict:
     """`t2r eval --bleu`: BLEU and chrF of the converted model's (and its original's) beam search on a split of
     parallel data."""
-    student, load_teacher, tokenizer = load_with_teacher(model)
+    student, load_teacher, tokenizer = load_with_teacher(model, translation=True)
     check_translation_model(student if student is not None else load_teacher(), "--bleu")
     pairs = load_pairs(data, split)[:max_pairs]
     result = {"model": model, "data": data, "split": split, "sentences": len(pairs), "beam": beam, "bleu_eval": True}
@@ -61,7 +61,7 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) ->
         raise T2RError("finetuning on sentence pairs trains every weight with cross-entropy: --lora and --kd are "
                        "for language models")
     check_run_dir(Path(out), resume=False, overwrite=overwrite)
-    student, tokenizer = load_any(model)
+    student, tokenizer = load_any(model, translation=True)
     check_translation_model(student, "finetuning on sentence pairs")
     train, heldout = load_pairs(data, "train"), load_pairs(data, "heldout")
     settings = PairTraining(tokens=options.tokens, batch_size=options.batch_size, lr=options.lr or 3e-4,
