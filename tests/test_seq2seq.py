@@ -120,6 +120,21 @@ def test_decoder_is_an_rnn(family, encoder, pad, left):
     assert [layer.seen_tokens for layer in cache.self_attention_cache.layers] == [TARGET_LEN] * 2
 
 
+@pytest.mark.parametrize("recipe", [dict(mixer="window", window=3), dict(mixer="gla"), dict(feature_map="hedgehog")])
+def test_decoder_is_an_rnn_with_other_mixers_and_maps(recipe):
+    """The decoder self-attention takes the recipe's mixer (cross-attention stays plain linear)."""
+    model = converted("marian", **recipe)
+    assert model.model.decoder.layers[0].self_attn.recipe.mixer == recipe.get("mixer", "linear")
+    assert model.model.decoder.layers[0].encoder_attn.recipe.mixer == "linear"
+    src, mask, tgt = batch(pad=3)
+    with torch.no_grad():
+        full = model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt, use_cache=False).logits
+        cache = EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+        steps = [model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt[:, t:t + 1], cache=cache).logits
+                 for t in range(TARGET_LEN)]
+    assert rel(torch.cat(steps, 1), full) < REL
+
+
 def test_cross_attention_equals_its_quadratic_twin():
     """phi(q)^T S / phi(q)^T z == the normalised matrix of phi(q_t) . phi(k_j) over the real source tokens."""
     model = converted("marian")
