@@ -18,7 +18,7 @@ MAX_PARAMETERS = 10
 PARAMETER_EXEMPT = ("ops/",)
 # Imported where they are used: optional extras, or heavy and needed by one command only.
 LOCAL_IMPORTS_ALLOWED = {"lm_eval", "peft", "matplotlib", "psutil", "torch.utils.tensorboard", "datasets", "rdata",
-                         "fcntl", "yaml"}
+                         "fcntl", "yaml", "sacrebleu"}
 
 
 def modules() -> list[Path]:

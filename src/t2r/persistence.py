@@ -12,7 +12,6 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer
 
 from .adapters import auto_class
-
 from .errors import NotAT2RModelError, T2RError
 from .io import private_dir_beside, replace_dir
 

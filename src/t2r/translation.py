@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import is_conversion_parameter
 from .errors import T2RError
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,6 @@ def transfer_attention(model: nn.Module, tokenizer, pairs: list[tuple[str, str]]
     so that each converted decoder attention (self and cross) gives the output of the softmax attention it replaced
     (same projections), mean squared error summed over layers, on the inputs the model itself hands each layer
     while reading `pairs` (teacher forcing). Every other weight is left as it was."""
-    from .attention import is_conversion_parameter
-
     check_translation_model(model, "attention transfer")
     modules = [m for m in model.modules() if hasattr(m, "transfer_pair")]
     if not modules:
