@@ -2,6 +2,8 @@
 
 import json
 import struct
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,28 @@ def test_installed_german_catalogues():
     corpus = read_pairs("gettext:de")
     assert len(corpus.pairs) > 1000
     assert all(s and t and not is_format_only(s) for s, t in corpus.pairs)
+
+
+def test_hf_translation_dataset(monkeypatch):
+    records = [{"translation": {"de": "Datei", "en": "File"}}, {"translation": {"de": "Fenster", "en": "Window"}},
+               {"translation": {"de": "", "en": "Empty"}}]
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return records
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    corpus = read_pairs("parallel:hf:wmt14:de-en:validation:en-de")
+    assert calls == [("wmt14", "de-en", "validation")]
+    assert corpus.pairs == [("File", "Datei"), ("Window", "Fenster")] and corpus.skipped_empty == 1
+    with pytest.raises(DataError, match="has no 'en' and 'fr' texts"):
+        read_pairs("parallel:hf:wmt14:de-en:validation:en-fr")
+    with pytest.raises(DataError, match="SRC-TGT"):
+        read_pairs("parallel:hf:wmt14")
+
+
+def test_hf_translation_dataset_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(DataError, match="pip install datasets"):
+        read_pairs("parallel:hf:wmt14:de-en:validation:en-de")

@@ -7,6 +7,9 @@ Sources (the ``source`` of :func:`read_pairs`, and of ``t2r data``):
   counts are refused (the message names both counts).
 * ``parallel:F.tsv``: one pair per line, source TAB target (a line without exactly one TAB is refused).
 * ``parallel:F.jsonl``: one JSON object per line with string fields ``src`` and ``tgt``.
+* ``parallel:hf:NAME:CONFIG:SPLIT:SRC-TGT``: a HF translation dataset through the optional ``datasets`` package
+  (online, or in its local cache); each record holds ``{"translation": {SRC: ..., TGT: ...}}`` or the two language
+  fields at its top level, e.g. ``parallel:hf:wmt14:de-en:validation:en-de``.
 * ``gettext:LANG[:DIR]``: English ``msgid`` -> translated ``msgstr`` of every ``.mo`` catalogue under
   ``DIR/LANG/LC_MESSAGES/`` (default DIR: /usr/share/locale), read directly from the GNU .mo format (sorted file
   order; message contexts dropped; plural entries give their singular forms; untranslated entries skipped).
@@ -161,6 +164,33 @@ def read_mo(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _hf_rows(spec: str) -> list[tuple[int, str, str]]:
+    parts = spec.split(":")
+    if len(parts) != 4 or not parts[0] or "-" not in parts[3]:
+        raise DataError(f"hf:{spec}: write a translation dataset as parallel:hf:NAME:CONFIG:SPLIT:SRC-TGT, "
+                        "e.g. parallel:hf:wmt14:de-en:validation:en-de")
+    name, config, split, direction = parts
+    src_lang, tgt_lang = direction.split("-", 1)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("parallel:hf: needs the 'datasets' package: pip install datasets (and be online), or give "
+                        "local files") from None
+    try:
+        dataset = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as error:  # datasets raises many kinds; all mean "cannot get it"
+        raise DataError(f"cannot load hf:{spec} ({error}); go online (or unset HF_HUB_OFFLINE), or give local "
+                        "files") from None
+    rows = []
+    for i, record in enumerate(dataset, start=1):
+        pair = record.get("translation", record) if isinstance(record, dict) else {}
+        if not all(isinstance(pair.get(k), str) for k in (src_lang, tgt_lang)):
+            raise DataError(f"hf:{spec} record {i} has no {src_lang!r} and {tgt_lang!r} texts (its fields: "
+                            f"{sorted(pair)})")
+        rows.append((i, pair[src_lang], pair[tgt_lang]))
+    return rows
+
+
 def _gettext(spec: str) -> tuple[list[tuple[int, str, str]], list[str]]:
     lang, _, root = spec.partition(":")
     if not re.fullmatch(r"[A-Za-z]{2,3}(_[A-Za-z]{2})?(@\w+)?", lang):
@@ -182,6 +212,8 @@ def _raw_rows(spec: str) -> tuple[list[tuple[int, str, str]], list[str]]:
     if spec.startswith("gettext:"):
         return _gettext(spec[len("gettext:"):])
     body = spec[len("parallel:"):]
+    if body.startswith("hf:"):
+        return _hf_rows(body[len("hf:"):]), []
     names = [p.strip() for p in body.split(",") if p.strip()]
     if len(names) == 2:
         return _aligned_files(Path(names[0]).expanduser(), Path(names[1]).expanduser()), []
@@ -191,7 +223,7 @@ def _raw_rows(spec: str) -> tuple[list[tuple[int, str, str]], list[str]]:
             raise DataError(f"parallel file {path} does not exist")
         return (_tsv(path) if path.suffix == ".tsv" else _jsonl(path)), []
     raise DataError(f"cannot read parallel source {spec!r}: give parallel:SRC_FILE,TGT_FILE, parallel:FILE.tsv, "
-                    "parallel:FILE.jsonl or gettext:LANG[:DIR]")
+                    "parallel:FILE.jsonl, parallel:hf:NAME:CONFIG:SPLIT:SRC-TGT or gettext:LANG[:DIR]")
 
 
 def read_pairs(source: str) -> ParallelCorpus:

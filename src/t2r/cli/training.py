@@ -25,7 +25,7 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
     """Build a tokenized corpus (train / held-out blocks) from text files, a directory, jsonl or a built-in corpus.
 
     Args:
-        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix; or translation pairs: parallel:SRC,TGT (aligned files), parallel:FILE.tsv, parallel:FILE.jsonl ({"src","tgt"}), gettext:LANG[:DIR] (see t2r.parallel).
+        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix; or translation pairs: parallel:SRC,TGT (aligned files), parallel:FILE.tsv, parallel:FILE.jsonl ({"src","tgt"}), parallel:hf:NAME:CONFIG:SPLIT:SRC-TGT, gettext:LANG[:DIR] (see t2r.parallel).
         out: directory to write train.safetensors, heldout.safetensors and meta.json to (pairs: train.jsonl, heldout.jsonl and meta.json).
         model: model whose tokenizer to use (default: the embedded SmolLM2-135M-Instruct; pairs are kept as text).
         block_size: tokens per block.
