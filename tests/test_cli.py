@@ -334,7 +334,7 @@ def test_every_command_reports_with_json_and_no_name_shadows():
 
     assert [cli_main.command_name(fn) for fn in cli_main.COMMANDS] == [
         "convert", "generate", "chat", "verify", "data", "distill", "finetune", "eval", "lm-eval", "recall", "pipeline", "bench",
-        "demo", "export"]
+        "demo", "export", "translate"]
     taken = set(dir(builtins)) | set(sys.stdlib_module_names)
     for fn in cli_main.COMMANDS:
         params = inspect.signature(fn).parameters

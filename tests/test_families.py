@@ -204,7 +204,7 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path, no_weights
         spec.mkdir()
         (spec / "config.json").write_text(json.dumps({"model_type": "opt"}))
         (spec / "model.safetensors").write_bytes(b"not weights")
-    with pytest.raises(UnsupportedModelError, match="model type '(bloom|opt)'.*supported: gemma3_text, gpt2, llama"):
+    with pytest.raises(UnsupportedModelError, match="model type '(bloom|opt)'.*supported: bart, gemma3_text, gpt2, llama, marian"):
         load_model(str(spec))
 
 

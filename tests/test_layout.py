@@ -19,13 +19,13 @@ PARAMETER_EXEMPT = ("ops/",)
 # Imported where they are used: optional extras, or heavy and needed by one command only.
 LOCAL_IMPORTS_ALLOWED = {"lm_eval", "peft", "matplotlib", "psutil", "torch.utils.tensorboard", "datasets", "rdata",
                          "fcntl", "yaml", "llama_cpp", "onnx", "onnxruntime", "onnxruntime.quantization",
-                         "tokenizers"}
+                         "tokenizers", "sacrebleu"}
 # `t2r --help` imports neither torch nor transformers (tests/test_cli_usability.py): the commands import what they
 # need when they run, and the few modules that describe their flags import the torch-backed part where it is used.
 LAZY_IMPORT_MODULES = ("cli/",)
 LAZY_IMPORTS = {"recipe.py": {".mixers"}, "stages/recipes.py": {"..feature_maps"}, "train/config.py": {"torch"},
                 "ablation.py": {".adapters", ".attention", ".recipe", ".rng"},
-                "sources.py": {"torch", "transformers", ".adapters.base"}}  # a refusal comes before torch
+                "sources.py": {"torch", "transformers", ".adapters.base", ".adapters.classes"}}  # a refusal comes before torch
 
 
 def modules() -> list[Path]:

@@ -22,7 +22,8 @@ CONVERT_LAYERS = ("all", "global")  # besides explicit layer indices
 
 
 def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None = 0,
-            convert_layers: str | Iterable[int] = "all", inplace: bool = True, **fields) -> nn.Module:
+            convert_layers: str | Iterable[int] = "all", inplace: bool = True, encoder: str | None = None,
+            **fields) -> nn.Module:
     """Convert `model` and return it: still the same HF model (a subclass of its class), every attention not listed
     in `keep_softmax_layers` replaced by linear attention that reuses the pretrained q/k/v/o projections. The recipe
     is recorded in `model.config.t2r`, so `save_pretrained` / `t2r.load` rebuild it.
@@ -35,7 +36,9 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     keep_softmax_layers=(0, 15)`, ...; see `t2r.recipe.Recipe`), not both. `convert_layers` picks the layers to
     convert: "all", "global" (those whose own attention does not slide: Gemma 3's global layers), or layer indices
     ("0,5" or a list); the others keep their softmax attention and are recorded in `keep_softmax_layers`. `seed`
-    makes the new feature-map and mixer weights reproducible (None: use the global RNG as it is)."""
+    makes the new feature-map and mixer weights reproducible (None: use the global RNG as it is). `encoder`, for an
+    encoder-decoder (Marian, BART): "softmax" (default, the paper's choice) or "linear" (non-causal linear attention
+    in the encoder too); recorded in `config.t2r_encoder`."""
     if is_converted(model):
         raise T2RError("this model is already converted (its config has a t2r recipe)")
     if recipe is not None and fields:
@@ -44,6 +47,12 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     if not inplace:
         model = copy.deepcopy(model)
     adapter = adapter_for(model)
+    if encoder is not None:
+        if not getattr(adapter, "is_encoder_decoder", False):
+            raise T2RError(f"encoder={encoder!r} is for encoder-decoder models; {type(model).__name__} has no encoder")
+        if encoder not in ("softmax", "linear"):
+            raise T2RError(f"encoder is softmax or linear, got {encoder!r}")
+        model.config.t2r_encoder = encoder
     recipe = with_layers_to_convert(recipe, adapter.layer_windows(model.config), convert_layers)
     param = next(model.parameters())
     with seeded(seed) if seed is not None else nullcontext():

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from .errors import UnsupportedModelError
 
-MODEL_TYPES = ("gemma3_text", "gpt2", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3")
+MODEL_TYPES = ("bart", "gemma3_text", "gpt2", "llama", "marian", "mistral", "olmo2", "phi3", "qwen2", "qwen3")
 GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}  # a GGUF `general.architecture` -> the HF model type it loads as
+RELATIVE_BIAS = ("its attention adds a learned relative position bias, bucketed by the query-key distance, to every "
+                 "score; linear attention sums phi(k_j) v_j^T without scores, so the bias would have to be dropped, "
+                 "which changes what the model computes. Convert a model with absolute positions (Marian, BART)")
+REFUSED = dict.fromkeys(("t5", "mt5", "umt5", "longt5", "switch_transformers"), RELATIVE_BIAS)  # on purpose: why
 
 
 def base_model_type(config) -> str:
@@ -20,6 +24,9 @@ def base_model_type(config) -> str:
 def check_model_type(model_type: str, what: str = "") -> str:
     """`model_type` if t2r converts it, else UnsupportedModelError in one line naming the supported families (`what`
     describes the model, e.g. its file). Needs only the type: callers check before loading any weights."""
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model type {model_type!r}{f' ({what})' if what else ''} is not converted by t2r: "
+                                    f"{REFUSED[model_type]}")
     if model_type not in MODEL_TYPES:
         raise UnsupportedModelError(
             f"no t2r adapter for model type {model_type!r}{f' ({what})' if what else ''}; "

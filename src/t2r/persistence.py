@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from .adapters import auto_class
 from .errors import NotAT2RModelError, T2RError
 from .io import private_dir_beside, replace_dir
 
@@ -96,9 +97,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a saved converted model (any supported family) from a directory; returns it in eval mode."""
 
 
-    check_model_dir(path)
+    config = check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        model = auto_class(str(config.get("model_type", ""))).from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise NotAT2RModelError(f"could not load {str(path)!r}: {str(err).strip().splitlines()[0]}") from err
     return model.eval()

@@ -35,6 +35,7 @@ class ModelSource:
     kind: str  # "gguf" | "dir" | "hub"
     path: str  # directory, or hub id
     gguf_file: str | None = None
+    model_type: str = ""  # its family, once `check_source` has read it from the config or GGUF header
 
     def describe(self) -> str:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
@@ -94,7 +95,7 @@ def _hub_offline() -> bool:
 def check_source(spec: str | None) -> ModelSource:
     """`spec` resolved, and its family checked from its config.json or GGUF header alone (nothing heavy imported)."""
     source = resolve(spec)
-    check_model_type(model_type_of(source), source.describe())
+    source.model_type = check_model_type(model_type_of(source), source.describe())
     return source
 
 
@@ -103,16 +104,17 @@ def load_model(spec: str | None, dtype=None):
     otherwise). GGUF weights are dequantized into a normal model (float32 unless `dtype` says otherwise)."""
     source = check_source(spec)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .adapters.base import drop_dequantized_quantizer
+    from .adapters.classes import auto_class
 
     kwargs = {"dtype": dtype or torch.float32}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     log.info("loading %s", source.describe())
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = auto_class(source.model_type).from_pretrained(source.path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except (OSError, ValueError, KeyError) as err:
         raise ModelSourceError(_explain(source, err)) from err

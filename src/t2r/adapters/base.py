@@ -29,6 +29,7 @@ class HFClasses(NamedTuple):
     causal_lm: str  # e.g. "LlamaForCausalLM"
     attention: str  # e.g. "LlamaAttention"
     module: str  # the modeling module, e.g. "transformers.models.llama.modeling_llama"
+    auto: str = "AutoModelForCausalLM"  # the Auto factory that loads it (encoder-decoders: AutoModelForSeq2SeqLM)
 
 
 class Adapter:
@@ -90,6 +91,27 @@ class Adapter:
         extrapolate, however well)."""
         return None
 
+    def swap(self, model: nn.Module, recipe: Recipe) -> None:
+        """Swap the attention of every decoder layer not in `recipe.keep_softmax_layers` (see `swap_attention`).
+        Encoder-decoder adapters also swap cross-attention (and optionally the encoder's)."""
+        layers = self.decoder_layers(model)
+        recipe.check_layers(len(layers))
+        for i, layer in enumerate(layers):
+            if i in recipe.keep_softmax_layers:
+                continue
+            original = getattr(layer, self.attention_attr)
+            setattr(layer, self.attention_attr, self.linear_attention(original, i, recipe))
+
+    def restore(self, model: nn.Module, layers) -> list[int]:
+        """Softmax attention back in decoder `layers` (see `restore_softmax`); returns the layers that changed."""
+        changed = []
+        for i, layer in enumerate(self.decoder_layers(model)):
+            module = getattr(layer, self.attention_attr)
+            if i in layers and isinstance(module, LinearAttention):
+                setattr(layer, self.attention_attr, self.softmax_attention(module, model.config))
+                changed.append(i)
+        return changed
+
     def extend_cache(self, cache, length: int):
         """A copy of a batch-1 `cache` made to hold `length` tokens (see `t2r.adapters.cache.extend_kv_cache`)."""
         return extend_kv_cache(cache, length)
@@ -135,30 +157,17 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 def swap_attention(model: nn.Module, recipe: Recipe, adapter: Adapter | None = None) -> nn.Module:
     """Replace the attention of every layer not in `recipe.keep_softmax_layers` by a linear attention module that
-    reuses its projections. Every other weight is left untouched (same tensors)."""
+    reuses its projections (the adapter's `swap`). Every other weight is left untouched (same tensors)."""
     adapter = adapter or adapter_for(model)
-    layers = adapter.decoder_layers(model)
-    recipe.check_layers(len(layers))
-    for i, layer in enumerate(layers):
-        if i in recipe.keep_softmax_layers:
-            continue
-        original = getattr(layer, adapter.attention_attr)
-        setattr(layer, adapter.attention_attr, adapter.linear_attention(original, i, recipe))
+    adapter.swap(model, recipe)
     return model
 
 
 def restore_softmax(model: nn.Module, layers, adapter: Adapter | None = None) -> list[int]:
     """Put softmax attention back in `layers` (their linear modules' projections are reused; the feature maps are
     dropped). Returns the layers that changed. The caller records the new recipe."""
-
     adapter = adapter or adapter_for(model)
-    changed = []
-    for i, layer in enumerate(adapter.decoder_layers(model)):
-        module = getattr(layer, adapter.attention_attr)
-        if i in layers and isinstance(module, LinearAttention):
-            setattr(layer, adapter.attention_attr, adapter.softmax_attention(module, model.config))
-            changed.append(i)
-    return changed
+    return adapter.restore(model, layers)
 
 
 def key_mask_from(attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor | None:

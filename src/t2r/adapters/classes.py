@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ..attention import is_conversion_parameter
 from ..errors import UnsupportedModelError
@@ -29,9 +29,17 @@ LEGACY_WINDOW_KEY = ".window_logit"  # recipe version 1 kept the window factors 
 
 
 def hf_classes(family: str):
-    """The family's (config class, causal LM class) in transformers."""
+    """The family's (config class, causal LM class) in transformers (for an encoder-decoder: its seq2seq LM)."""
     classes = ADAPTERS.get(family).families[family]
     return getattr(transformers, classes.config), getattr(transformers, classes.causal_lm)
+
+
+def auto_class(model_type: str):
+    """The `Auto*` factory that loads a model of `model_type` (converted "t2r_<family>" or not): AutoModelForCausalLM,
+    or AutoModelForSeq2SeqLM for an encoder-decoder family."""
+    family = model_type[len("t2r_"):] if model_type.startswith("t2r_") else model_type
+    adapter = ADAPTERS.get(family) if family in ADAPTERS else None
+    return getattr(transformers, adapter.families[family].auto if adapter else "AutoModelForCausalLM")
 
 
 def _make_classes(family: str) -> tuple[type, type]:
@@ -83,7 +91,7 @@ def register_all() -> None:
             continue
         config_cls, model_cls = _make_classes(family)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        auto_class(family).register(config_cls, model_cls, exist_ok=True)
         CONVERTED_CLASSES[family] = (config_cls, model_cls)
 
 

@@ -28,11 +28,12 @@ from .models import convert_command, generate_command, verify_command
 from .recall import recall_command
 from .render import render
 from .training import data_command, demo_command, distill_command, finetune_command, pipeline_command
+from .translation import translate_command
 
 EXIT_USAGE = 2
 COMMANDS = [convert_command, generate_command, chat_command, verify_command, data_command, distill_command,
             finetune_command, eval_command, lm_eval_command, recall_command, pipeline_command, bench_command, demo_command,
-            export_command]
+            export_command, translate_command]
 FLAG_NAMES = {"as_json": "json"}  # parameters named so as not to shadow a module, keeping the flag users know
 
 

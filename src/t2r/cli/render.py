@@ -33,6 +33,10 @@ def render_chat(r: dict) -> str:
 
 def render_finetune(r: dict) -> str:
     """Human-readable text for `t2r finetune`."""
+    if "heldout_loss_after" in r:  # on sentence pairs
+        return (f"finetuned {r['model']} on {r['data']} ({r['pairs']:,} pairs) -> {r['out']}: {r['steps']} steps, "
+                f"{r['target_tokens']:,} target tokens in {r['seconds']} s\nheld-out loss per target token: before "
+                f"{r['heldout_loss_before']:.4f}, after {r['heldout_loss_after']:.4f}")
     how = f"LoRA rank {r['lora']} (merged)" if r["lora"] else "full finetuning"
     if r["kd"]:
         how += f" + KD {r['kd']}"
@@ -42,6 +46,17 @@ def render_finetune(r: dict) -> str:
             f"in {r['seconds']} s ({r['train_tokens_per_s']} tokens/s while training, {r['processes']} process(es))\n"
             f"held-out perplexity: before {fmt(before)}, after {fmt(after)}"
             + (f"\nloss plot: {r['plot']}" if r.get("plot") else ""))
+
+
+def render_bleu(r: dict) -> str:
+    """The BLEU / chrF table of `t2r eval --bleu`."""
+    lines = [f"{r['model']} on {r['data']} {r['split']}: {r['sentences']} sentences, beam {r['beam']}",
+             f"{'':14} {'BLEU':>7} {'chrF':>7} {'seconds':>8}"]
+    for name, label in (("teacher", "original"), ("student", "converted")):
+        if name in r:
+            m = r[name]
+            lines.append(f"{label:14} {m['bleu']:7.2f} {m['chrf']:7.2f} {m['seconds']:8.1f}")
+    return "\n".join(lines)
 
 
 def render_pipeline(r: dict) -> str:
@@ -55,6 +70,8 @@ EVAL_LABELS = {"teacher": "original", "student": "converted"}
 
 def render_eval(r: dict) -> str:
     """The table `t2r eval` prints."""
+    if r.get("bleu_eval"):
+        return render_bleu(r)
     if r.get("positions"):
         return _render_positions(r)
     rows = {EVAL_LABELS[n]: r[n] for n in ("teacher", "student") if n in r}
@@ -124,6 +141,8 @@ def render(command: str, r: dict) -> str:
                 f"({rec['feature_map']}, feature_dim={rec['feature_dim']}, window={rec['window']}, "
                 f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
                 f"{r['seconds']} s")
+    if command == "translate":
+        return f"{r['translation']}\n\n[beam {r['beam']}, {r['seconds']} s]"
     if command == "generate":
         shown = "" if r.get("streamed") else (r["text"] if r.get("chat") else f"{r['prompt']}{r['text']}") + "\n"
         return (f"{shown}\n[{r['new_tokens']} tokens in {r['seconds']} s, "
@@ -141,6 +160,10 @@ def render(command: str, r: dict) -> str:
             lines.append(f"note: in {r['dtype']} this model's logits differ from its float32 logits by "
                          f"{r['dtype_rounding_error']:.3g} (relative): {r['dtype']} is too coarse for it; use float32")
         return "\n".join(lines + [f"{'OK' if r['ok'] else 'MISMATCH'} ({bounds})"])
+    if command == "data" and "train_pairs" in r:
+        return (f"{r['source']} -> {r['out']}: {r['train_pairs']:,} train and {r['heldout_pairs']:,} held-out pairs "
+                f"(skipped: {r['skipped_empty']} with an empty side, {r['format_only']} format-only, "
+                f"{r['duplicates']} duplicates, {r['removed_overlapping_heldout']} overlapping held-out)")
     if command == "data":
         return (f"{r['source']} -> {r['out']}: {r['train_tokens']:,} train tokens, {r['heldout_tokens']:,} held-out "
                 f"tokens in blocks of {r['block_size']}")

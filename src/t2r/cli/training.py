@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 from ..errors import T2RError
+from ..parallel import is_parallel_dir, is_parallel_source, prepare_parallel
 from ..stages.recipes import read_recipe
 from ..train.settings import DistillSettings, FinetuneSettings
 from .models import load_any, load_converted
+from .translation import finetune_pairs
 
 # what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
 
@@ -21,12 +23,18 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
     """Build a tokenized corpus (train / held-out blocks) from text files, a directory, jsonl or a built-in corpus.
 
     Args:
-        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix.
-        out: directory to write train.safetensors, heldout.safetensors and meta.json to.
-        model: model whose tokenizer to use (default: smollm2, the embedded SmolLM2-135M-Instruct).
+        source: text file, directory, .jsonl, hf:NAME[:CONFIG[:SPLIT]], or a built-in corpus: austen, kjv, pydocs, mix; or translation pairs: parallel:SRC,TGT (aligned files), parallel:FILE.tsv, parallel:FILE.jsonl ({"src","tgt"}), parallel:hf:NAME:CONFIG:SPLIT:SRC-TGT, gettext:LANG[:DIR] (see t2r.parallel).
+        out: directory to write train.safetensors, heldout.safetensors and meta.json to (pairs: train.jsonl, heldout.jsonl and meta.json).
+        model: model whose tokenizer to use (default: smollm2, the embedded SmolLM2-135M-Instruct; pairs are kept as
+            text).
         block_size: tokens per block.
         as_json: print the summary as JSON.
     """
+    if is_parallel_source(source):
+        meta = prepare_parallel(source, out)
+        return {"source": source, "out": str(out), **{k: meta[k] for k in (
+            "train_pairs", "heldout_pairs", "skipped_empty", "format_only", "duplicates",
+            "removed_overlapping_heldout")}}
     from ..data import prepare_data, tokenizer_of
 
     tokenizer = tokenizer_of(model)
@@ -74,7 +82,7 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
 
     Args:
         model: directory of a converted model (e.g. from `t2r distill`); a plain model also works (a baseline).
-        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder.
+        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder; for a translation model, sentence pairs (a folder from `t2r data parallel:...`, or a parallel:/gettext: source): teacher-forced cross-entropy on the target tokens, --batch-size pairs per step, no checkpoints.
         options: the training settings, as a recipe's `finetune:` takes them.
         teacher: teacher model for --kd (HF directory, GGUF file); default: the student's own original model.
         out: run directory: metrics.jsonl, checkpoint/, then the final model.
@@ -84,6 +92,8 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
         progress: show a progress bar on stderr.
         as_json: print the result as JSON.
     """
+    if is_parallel_source(data) or is_parallel_dir(data):  # a translation model on sentence pairs
+        return finetune_pairs(model, data, options, out, overwrite)
     from ..stages.distill import load_training_data
     from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
     from ..train.checkpoint import check_run_dir

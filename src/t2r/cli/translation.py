@@ -1,0 +1,84 @@
+"""Commands for translation models: `t2r translate`, and the translation halves of `t2r eval --bleu` and
+`t2r finetune` on parallel data (called from those commands)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..errors import T2RError
+from ..io import write_text
+from ..parallel import load_pairs
+from .models import load_any, load_with_teacher
+
+log = logging.getLogger("t2r")
+# what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
+
+
+def translate_command(model: str, *, src: str, beam: int = 4, max_new_tokens: int = 0, as_json: bool = False) -> dict:
+    """Translate a sentence with an encoder-decoder model (converted: its decoder runs as an RNN).
+
+    Args:
+        model: directory of a converted translation model, or a plain one (HF directory).
+        src: the text to translate; a source longer than the encoder's positions is truncated, with a warning.
+        beam: beam size (1: greedy).
+        max_new_tokens: most tokens to generate (0: twice the source length plus 10).
+        as_json: print the result as JSON.
+    """
+    from ..adapters import is_converted
+    from ..translation import check_translation_model, translate
+
+    loaded, tokenizer = load_any(model, translation=True)
+    check_translation_model(loaded, "t2r translate")
+    start = time.perf_counter()
+    text = translate(loaded, tokenizer, [src], beam=beam, max_new_tokens=max_new_tokens or None)[0]
+    return {"model": model, "src": src, "translation": text, "beam": beam, "converted": is_converted(loaded),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | None, teacher: bool) -> dict:
+    """`t2r eval --bleu`: BLEU and chrF of the converted model's (and its original's) beam search on a split of
+    parallel data."""
+    from ..translation import check_translation_model, translation_scores
+
+    student, load_teacher, tokenizer = load_with_teacher(model, translation=True)
+    check_translation_model(student if student is not None else load_teacher(), "--bleu")
+    pairs = load_pairs(data, split)[:max_pairs]
+    result = {"model": model, "data": data, "split": split, "sentences": len(pairs), "beam": beam, "bleu_eval": True}
+    if teacher or student is None:
+        log.info("translating with the original model")
+        result["teacher"] = translation_scores(load_teacher(), tokenizer, pairs, beam=beam)
+    if student is not None:
+        log.info("translating with the converted model")
+        result["student"] = translation_scores(student, tokenizer, pairs, beam=beam)
+    return result
+
+
+def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) -> dict:
+    """`t2r finetune` on parallel data: teacher-forced cross-entropy on the target tokens, every weight trained;
+    the model is written to `out` at the end (no checkpoints or --resume here)."""
+    if options.lora or options.kd:
+        raise T2RError("finetuning on sentence pairs trains every weight with cross-entropy: --lora and --kd are "
+                       "for language models")
+    from ..persistence import save
+    from ..train.checkpoint import check_run_dir
+    from ..translation import PairTraining, check_translation_model, heldout_loss, train_pairs
+
+    check_run_dir(Path(out), resume=False, overwrite=overwrite)
+    student, tokenizer = load_any(model, translation=True)
+    check_translation_model(student, "finetuning on sentence pairs")
+    train, heldout = load_pairs(data, "train"), load_pairs(data, "heldout")
+    settings = PairTraining(tokens=options.tokens, batch_size=options.batch_size, lr=options.lr or 3e-4,
+                            warmup=options.warmup, min_lr=options.min_lr, weight_decay=options.weight_decay,
+                            max_grad_norm=options.max_grad_norm, seed=options.seed)
+    before = heldout_loss(student, tokenizer, heldout)
+    metrics: list[str] = []
+    summary = train_pairs(student, tokenizer, train, settings, on_step=lambda step, loss, seen: metrics.append(
+        json.dumps({"step": step, "loss": round(loss, 5), "target_tokens": seen})))
+    after = heldout_loss(student, tokenizer, heldout)
+    save(student, out, tokenizer, overwrite=overwrite)
+    write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
+    return {"model": model, "data": data, "stage": "finetune", "pairs": len(train), **summary,
+            "heldout_loss_before": round(before, 4), "heldout_loss_after": round(after, 4), "out": out}
