@@ -88,6 +88,11 @@ def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int 
     prepare_tokenizer(tokenizer)
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    empty = [i for i, n in enumerate(enc["attention_mask"].sum(-1).tolist()) if n == 0] if enc["input_ids"].numel() \
+        else list(range(len(prompts)))
+    if empty:
+        what = "the prompt" if single else f"prompt {empty[0]}"
+        raise T2RError(f"{what} is empty (no tokens): give some text to continue")
     cache = new_cache(model)
     seeded = sampling.do_sample and sampling.seed is not None
     start = time.perf_counter()

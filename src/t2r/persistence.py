@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import NotAT2RModelError, T2RError
-from .io import private_dir_beside, replace_dir
+from .io import private_dir_beside, recover_dir, refuse_symlink, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,8 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
     beside it, renamed into place only when complete. An existing directory is replaced only with `overwrite=True`
     and only if it holds a t2r model (nothing else a user made is ever deleted)."""
     out = Path(out_dir)
+    refuse_symlink(out)
+    recover_dir(out)
     if out.exists():
         if not overwrite:
             raise T2RError(f"{out} already exists: choose another --out or pass --overwrite")
@@ -50,6 +52,8 @@ def check_model_dir(path: str | Path) -> dict:
     """Validate a saved t2r model directory before loading it; returns its config dict.
     Raises NotAT2RModelError naming what is wrong (missing, not converted, damaged weights)."""
     p = Path(path)
+    if recover_dir(p):
+        log.warning("%s: put back the previous model, left aside by an interrupted save", p)
     if not p.is_dir():
         raise NotAT2RModelError(f"{str(path)!r} is not a directory: give the --out directory of `t2r convert`")
     config_file = p / "config.json"
@@ -63,12 +67,36 @@ def check_model_dir(path: str | Path) -> dict:
         raise NotAT2RModelError(
             f"{str(path)!r} holds a plain {config.get('model_type', 'HF')} model, not a converted one: "
             f"run `t2r convert {path} --out DIR` first")
+    try:
+        check_weight_files(p)
+    except T2RError as err:
+        raise NotAT2RModelError(str(err)) from None
+    return config
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickle_how_to(path: Path) -> str:
+    """How to turn a trusted pickled checkpoint into safetensors, once, outside t2r."""
+    return (f"convert it once, only if you trust its source, with `python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\"` "
+            "(save_pretrained writes safetensors) and give t2r the new directory")
+
+
+def check_weight_files(path: str | Path) -> None:
+    """A model directory's weights must be safetensors, complete and undamaged. Pickled weights (pytorch_model.bin,
+    *.pt, ...) can run code when they are loaded: they are refused here, before any unpickler sees them."""
+    p = Path(path)
     weights = sorted(p.glob("*.safetensors"))
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
     if not weights:
-        raise NotAT2RModelError(f"{str(path)!r} has no .safetensors weights (t2r never loads pickled .bin files)")
+        if pickles:
+            raise T2RError(f"{str(path)!r} holds pickled weights ({', '.join(pickles)}), which can run code when "
+                           f"loaded; t2r reads only safetensors: {pickle_how_to(p)}")
+        raise T2RError(f"{str(path)!r} has no .safetensors weights")
     for file in weights:
         _check_safetensors(file)
-    return config
 
 
 def _check_safetensors(file: Path) -> None:

@@ -20,7 +20,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .adapters.base import base_model_type, check_model_type, drop_dequantized_quantizer, model_type_of_gguf
-from .errors import ModelSourceError
+from .errors import ModelSourceError, T2RError
+from .persistence import check_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,13 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     kwargs = {"dtype": dtype}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    else:  # never a pickle: a local directory's weights are checked first, the hub's must be safetensors
+        kwargs.update(use_safetensors=True, trust_remote_code=False)
+        if source.kind == "dir":
+            try:
+                check_weight_files(source.path)
+            except T2RError as err:
+                raise ModelSourceError(str(err)) from None
     log.info("loading %s", source.describe())
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)

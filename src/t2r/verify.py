@@ -20,6 +20,27 @@ TOLERANCES = {torch.float64: EXACT_TOLERANCE, torch.float32: 1e-3, torch.bfloat1
 CHECKS = ("chunk_vs_quadratic", "recurrent_vs_full", "padded_vs_alone")
 
 
+MAX_WEIGHT_MAGNITUDE = 1e10  # far above any trained LM's weights; a flipped exponent bit gives ~1e36
+
+
+def check_weights(model) -> None:
+    """Refuse a model with a NaN, an infinity or an implausibly large value (|w| > 1e10: a flipped exponent bit) in
+    any weight, naming the first such tensor: such a model computes garbage or overflows, silently."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        tensor = tensor.detach()
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(tensor).sum())
+            raise T2RError(f"weight {name} has {nan} NaN and {int((~finite).sum()) - nan} infinite values: the model "
+                           "files are damaged or a run diverged; use an earlier checkpoint or convert again")
+        peak = float(tensor.abs().max())
+        if peak > MAX_WEIGHT_MAGNITUDE:
+            raise T2RError(f"weight {name} holds a value of magnitude {peak:.3g} (> {MAX_WEIGHT_MAGNITUDE:.0e}): the "
+                           "model files are damaged (e.g. a flipped bit); download or convert them again")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest per-position relative error ||a_t - b_t|| / ||b_t|| over the last axis."""
     num = (a.double() - b.double()).norm(dim=-1)

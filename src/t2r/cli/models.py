@@ -11,11 +11,12 @@ from ..attention import is_conversion_parameter
 from ..convert import convert, count_linear_layers, reinitialize
 from ..errors import T2RError
 from ..generate import Sampling, generate
+from ..io import check_writable, refuse_symlink
 from ..persistence import is_t2r_dir, load, load_tokenizer, save
 from ..recipe import INITS
 from ..sources import load_model
 from ..stages.recipes import ConvertSettings
-from ..verify import verify
+from ..verify import check_weights, verify
 
 log = logging.getLogger("t2r")
 
@@ -38,6 +39,9 @@ def convert_command(model: str | None = None, *, options: ConvertSettings = Conv
     """
     if init not in INITS:
         raise T2RError(f"--init is {' or '.join(INITS)}, got {init!r}")
+    check_writable(out)  # before minutes of loading
+    if overwrite:
+        refuse_symlink(out)
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model)
     if init == "random":
@@ -59,6 +63,7 @@ def load_converted(path: str, *, need_tokenizer: bool = True):
     """(model, tokenizer) of a converted directory; without tokenizer files a command that needs them stops."""
     log.info("loading %s", path)
     model, tokenizer = load(path), load_tokenizer(path)
+    check_weights(model)
     if tokenizer is None and need_tokenizer:
         raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
@@ -70,6 +75,7 @@ def load_any(model: str):
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
         return load_converted(model)
     loaded, tokenizer, _ = load_model(model)
+    check_weights(loaded)
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
     return loaded, tokenizer

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..data import prepare_data, tokenizer_of
 from ..errors import T2RError
+from ..io import check_writable
 from ..stages.distill import attention_transfer, load_training_data
-from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
+from ..stages.finetune import Finetuning, check_same_tokenizer, check_same_vocabulary, finetune_model
 from ..stages.pipeline import run_pipeline
 from ..stages.recipes import read_recipe
 from ..train import DistillSettings, FinetuneSettings, check_run_dir
@@ -29,6 +30,7 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
         block_size: tokens per block.
         as_json: print the summary as JSON.
     """
+    check_writable(out)
     tokenizer = tokenizer_of(model)
     blocks = prepare_data(source, tokenizer, block_size=block_size, out_dir=out)
     return {"source": source, "out": str(out), "train_tokens": blocks.meta["train_tokens"],
@@ -52,6 +54,7 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
         as_json: print the result as JSON.
     """
     config = options.train_config(progress)
+    check_writable(out)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_converted(model)
     blocks = load_training_data(data, tokenizer, block_size)
@@ -84,12 +87,14 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
     if teacher is not None and not options.kd:
         raise T2RError("--teacher is used only for distillation: add --kd WEIGHT (e.g. --kd 1)")
     config = options.train_config(progress)
+    check_writable(out)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_any(model)
     teacher_model = None
     if teacher is not None:
         teacher_model, teacher_tokenizer = load_any(teacher)
         check_same_tokenizer(tokenizer, teacher_tokenizer, teacher)
+        check_same_vocabulary(student, teacher_model, teacher)
     blocks = load_training_data(data, tokenizer, block_size)
     started = time.perf_counter()
     settings = {"model": str(Path(model).resolve()) if Path(model).exists() else model, "data": data,
