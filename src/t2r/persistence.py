@@ -29,6 +29,8 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
             raise T2RError(f"{out} already exists: choose another --out or pass --overwrite")
         if not (out.is_dir() and is_t2r_dir(out)):
             raise T2RError(f"{out} exists and is not a t2r model directory: refusing to replace it")
+    for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = private_dir_beside(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -92,8 +94,8 @@ def check_weight_files(path: str | Path) -> None:
     pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
     if not weights:
         if pickles:
-            raise T2RError(f"{str(path)!r} holds pickled weights ({', '.join(pickles)}), which can run code when "
-                           f"loaded; t2r reads only safetensors: {pickle_how_to(p)}")
+            raise T2RError(f"{str(path)!r} has no .safetensors weights, only pickled ones ({', '.join(pickles)}), "
+                           f"which can run code when loaded; t2r reads only safetensors: {pickle_how_to(p)}")
         raise T2RError(f"{str(path)!r} has no .safetensors weights")
     for file in weights:
         _check_safetensors(file)
