@@ -88,6 +88,14 @@ def files(tmp_path_factory, tiny_model_dir, tiny_converted_dir):
     yaml = {"data": "data: 123", "convert": "convert: 5", "eval": "eval: 'x'", "key": "convert: {feature_mpa: t2r}"}
     for name, line in yaml.items():
         (root / f"{name}.yaml").write_text(f"name: bad\nmodel: {tiny_model_dir}\n{line}\n")
+    (root / "empty.txt").write_text("")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 50)
+    (root / "latin1.txt").write_bytes(("caf\xe9 na\xefve " * 300).encode("latin-1"))
+    (root / "broken.jsonl").write_text('{"text": "hello there"}\n{"text": broken\n' + '{"text": "more"}\n' * 50)
+    (root / "no-text.jsonl").write_text('{"body": "x"}\n' * 10)
+    (root / "empty-dir").mkdir()
+    gpt2_rnn = t2r.convert(tiny_model("gpt2", vocab_size=259, n_positions=64), feature_map="t2r", feature_dim=8)
+    t2r.save(gpt2_rnn, root / "gpt2-rnn", byte_tokenizer())
     yield {"root": root, "hf": tiny_model_dir, "rnn": tiny_converted_dir, "ro": read_only,
            "marker": root / "PWNED"}
     (root / "read-only").chmod(0o755)
@@ -152,6 +160,34 @@ CASES = [
     # a KD teacher that predicts other tokens
     ("kd-teacher-other-vocab", ["finetune", "{rnn}", "--data", "{root}/text.txt", "--kd", "1", "--teacher",
                                 "{root}/gpt2-teacher", "--out", "{out}", *TRAIN], ["300 tokens", "259"], True),
+]
+
+
+# bad files, to every command that reads text: what each gets
+BAD_FILES = {"empty.txt": "is empty", "binary.bin": "not UTF-8", "latin1.txt": "not UTF-8",
+             "broken.jsonl": "broken.jsonl:2 is not valid JSON", "no-text.jsonl": "no string field 'text'",
+             "empty-dir": "has no .txt"}
+READERS = {"data": ["data", "{file}", "--model", "{hf}", "--out", "{out}", "--block-size", "16"],
+           "distill": ["distill", "{rnn}", "--data", "{file}", "--out", "{out}", *TRAIN],
+           "eval-data": ["eval", "{rnn}", "--data", "{file}"], "eval-text": ["eval", "{rnn}", "--text", "{file}"]}
+CASES += [(f"{reader}-{name}", [a.replace("{file}", "{root}/" + name) for a in argv], [words], "{out}" in argv)
+          for name, words in BAD_FILES.items() for reader, argv in READERS.items()]
+CASES += [
+    ("max-new-tokens-0", ["generate", "{rnn}", "--max-new-tokens", "0"], ["positive"], False),
+    ("max-new-tokens-negative", ["generate", "{rnn}", "--max-new-tokens", "-3"], ["positive"], False),
+    ("tokens-negative", ["distill", "{rnn}", "--tokens", "-5", "--out", "{out}"], ["--tokens"], True),
+    ("tokens-0", ["distill", "{rnn}", "--tokens", "0", "--out", "{out}"], ["--tokens", "positive"], True),
+    ("steps-negative", ["finetune", "{rnn}", "--steps", "-1", "--out", "{out}"], ["--steps"], True),
+    ("contexts-negative", ["bench", "{rnn}", "--contexts", "-4"], ["--contexts", "positive"], False),
+    ("context-negative", ["eval", "{rnn}", "--context", "-1"], ["--context"], False),
+    ("verify-tokens-negative", ["verify", "{rnn}", "--tokens", "-5"], ["tokens"], False),
+    ("lm-eval-limit-negative", ["lm-eval", "{rnn}", "--limit", "-1"], ["--limit"], False),
+    ("temperature-negative", ["generate", "{rnn}", "--sample", "--temperature", "-1"], ["temperature"], False),
+    ("top-p-nan", ["generate", "{rnn}", "--sample", "--top-p", "nan"], ["top_p"], False),
+    ("prompt-past-positions", ["generate", "{root}/gpt2-rnn", "--prompt", "x" * 100], ["64 learned position"], False),
+    ("context-past-positions", ["eval", "{root}/gpt2-rnn", "--data", "{root}/text.txt", "--context", "128"],
+     ["64 learned position"], False),
+    ("verify-past-positions", ["verify", "{root}/gpt2-rnn", "--tokens", "100"], ["64 learned position"], False),
 ]
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .adapters import is_converted
 from .errors import T2RError
-from .generate import new_cache
+from .generate import check_positions, new_cache
 
 EXACT_TOLERANCE = 1e-6  # float64
 TOLERANCES = {torch.float64: EXACT_TOLERANCE, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -89,6 +89,7 @@ def verify(model, *, tokens: int = 100, prefill: int = 67, pad: int = 5, seed: i
         raise T2RError("verify needs a converted model (run `t2r convert` first)")
     if not 1 <= prefill < tokens or not 0 <= pad < tokens:
         raise T2RError(f"need 1 <= prefill < tokens and 0 <= pad < tokens; got {prefill=}, {tokens=}, {pad=}")
+    check_positions(model, tokens, f"verify of {tokens} tokens", "check fewer --tokens")
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     param = next(model.parameters())

@@ -15,6 +15,7 @@ from ..bench import BenchSettings, parse_sizes, plot_bench, run_bench
 from ..data import load_documents, prepare_data, read_meta
 from ..errors import T2RError
 from ..evaluate import DEFAULT_BLOCK_SIZE, SPLITS, perplexity, predicted_bytes, text_perplexity
+from ..generate import check_positions
 from ..io import check_writable, write_json
 from ..lm_eval_bridge import (
     AUSTEN_BLOCKS,
@@ -147,6 +148,8 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
         raise T2RError("--ablate works on --data blocks or --positions documents, not with --text")
     start = time.perf_counter()
     student, load_teacher, tokenizer = load_with_teacher(model)
+    check_positions(student if student is not None else load_teacher(), context, f"--context {context}",
+                    "choose a shorter --context")
     if options.ablate and student is None:
         raise T2RError(f"--ablate switches off parts of a converted model; {model!r} is not one")
     if text is not None:
