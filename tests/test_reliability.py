@@ -5,6 +5,7 @@ a stale run lock taken over with a warning. Tiny models, CPU, seconds."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -57,6 +58,21 @@ def _nan_in_q_proj(weights) -> None:
     weights[name][0, 0] = float("nan")
 
 
+# config.json damaged: a field of the wrong type, a missing key, impossible values, an unknown map or mixer
+CONFIG_EDITS = {"hidden-size-text": lambda c: c.update(hidden_size="abc"),
+                "no-layer-count": lambda c: c.pop("num_hidden_layers"),
+                "no-model-type": lambda c: c.pop("model_type"),
+                "zero-heads": lambda c: c.update(num_attention_heads=0),
+                "unknown-feature-map": lambda c: c["t2r"].update(feature_map="nope"),
+                "unknown-mixer": lambda c: c["t2r"].update(mixer="nope"),
+                "recipe-a-list": lambda c: c.update(t2r=[1, 2]),
+                "negative-feature-dim": lambda c: c["t2r"].update(feature_dim=-3)}
+CONFIG_WORDS = {"hidden-size-text": "hidden_size", "no-layer-count": "config does not match the weights",
+                "no-model-type": "model_type", "zero-heads": "division", "unknown-feature-map": "unknown feature map",
+                "unknown-mixer": "unknown mixer", "recipe-a-list": "unknown recipe keys",
+                "negative-feature-dim": "feature_dim"}
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_model_dir, tiny_converted_dir):
     """Every damaged or hostile input of the cases below, made once."""
@@ -94,6 +110,11 @@ def files(tmp_path_factory, tiny_model_dir, tiny_converted_dir):
     (root / "broken.jsonl").write_text('{"text": "hello there"}\n{"text": broken\n' + '{"text": "more"}\n' * 50)
     (root / "no-text.jsonl").write_text('{"body": "x"}\n' * 10)
     (root / "empty-dir").mkdir()
+    for name, edit in CONFIG_EDITS.items():
+        shutil.copytree(tiny_converted_dir, root / f"config-{name}")
+        config = json.loads((root / f"config-{name}" / "config.json").read_text())
+        edit(config)
+        (root / f"config-{name}" / "config.json").write_text(json.dumps(config))
     gpt2_rnn = t2r.convert(tiny_model("gpt2", vocab_size=259, n_positions=64), feature_map="t2r", feature_dim=8)
     t2r.save(gpt2_rnn, root / "gpt2-rnn", byte_tokenizer())
     yield {"root": root, "hf": tiny_model_dir, "rnn": tiny_converted_dir, "ro": read_only,
@@ -172,6 +193,8 @@ READERS = {"data": ["data", "{file}", "--model", "{hf}", "--out", "{out}", "--bl
            "eval-data": ["eval", "{rnn}", "--data", "{file}"], "eval-text": ["eval", "{rnn}", "--text", "{file}"]}
 CASES += [(f"{reader}-{name}", [a.replace("{file}", "{root}/" + name) for a in argv], [words], "{out}" in argv)
           for name, words in BAD_FILES.items() for reader, argv in READERS.items()]
+CASES += [(f"config-{name}", ["generate", "{root}/config-" + name], [words], False)
+          for name, words in CONFIG_WORDS.items()]
 CASES += [
     ("max-new-tokens-0", ["generate", "{rnn}", "--max-new-tokens", "0"], ["positive"], False),
     ("max-new-tokens-negative", ["generate", "{rnn}", "--max-new-tokens", "-3"], ["positive"], False),

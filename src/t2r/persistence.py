@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,10 +128,27 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
 
     check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise NotAT2RModelError(f"could not load {str(path)!r}: {str(err).strip().splitlines()[0]}") from err
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                           output_loading_info=True)
+    except CONFIG_ERRORS as err:  # a config.json with wrong types or impossible values
+        raise NotAT2RModelError(f"could not load {str(path)!r}: {' '.join(str(err).split())[:300]}") from err
+    refuse_missing_weights(path, info)
     return model.eval()
+
+
+# what building a model from a damaged config.json raises (a field of the wrong type, zero heads, a negative size)
+CONFIG_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ArithmeticError, AttributeError,
+                 StrictDataclassError)
+
+
+def refuse_missing_weights(path, info: dict) -> None:
+    """A model whose files lack weights its config.json asks for would start them from random values, silently:
+    refuse it, naming one (a config that does not match its weights: edited, or from another model)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise NotAT2RModelError(f"{str(path)!r}: {len(missing)} weights its config.json needs are not in its files "
+                                f"(e.g. {missing[0]}): the config does not match the weights; convert or download "
+                                "the model again")
 
 
 def load_tokenizer(path: str | Path):

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .adapters.base import base_model_type, check_model_type, drop_dequantized_quantizer, model_type_of_gguf
 from .errors import ModelSourceError, T2RError
-from .persistence import check_weight_files
+from .persistence import CONFIG_ERRORS, check_weight_files, refuse_missing_weights
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,15 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
                 raise ModelSourceError(str(err)) from None
     log.info("loading %s", source.describe())
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
-    except (OSError, ValueError, KeyError) as err:
+    except CONFIG_ERRORS as err:
         raise ModelSourceError(_explain(source, err)) from err
+    if not source.gguf_file:
+        try:
+            refuse_missing_weights(source.describe(), info)
+        except T2RError as err:
+            raise ModelSourceError(str(err)) from None
     if source.gguf_file:
         drop_dequantized_quantizer(model)
     model.eval()
@@ -183,7 +188,7 @@ def _skip_gguf_value(f, kind: int) -> None:
 
 
 def _explain(source: ModelSource, err: Exception) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first_line = " ".join(str(err).split())[:300] or type(err).__name__
     if source.kind == "hub":
         if _hub_offline():
             return (f"model {source.path!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1): "
