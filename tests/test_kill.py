@@ -139,3 +139,29 @@ def test_training_killed_then_resumed(tmp_path, tiny_converted_dir, text, uninte
     cli(command, tiny_converted_dir, "--data", text, "--out", out, *TRAIN, "--resume")
     assert_same_weights(uninterrupted[command], state(out))
 
+
+
+PIPELINE = """name: kill
+model: {model}
+data: {text}
+block_size: 16
+convert: {{feature_map: t2r, feature_dim: 8}}
+distill: {{steps: 6, checkpoint_every: 2, eval_every: 0, eval_blocks: 1, lr: 0.003}}
+finetune: {{steps: 4, checkpoint_every: 2, eval_every: 0, eval_blocks: 1, lr: 0.001}}
+eval: {{data: [{text}], max_blocks: 1, batch_size: 1}}
+generate: {{max_new_tokens: 2}}
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-checkpoint", "between-renames", "mid-export"])
+def test_pipeline_killed_then_rerun(tmp_path, tiny_model_dir, text, point):
+    """kill -9 inside the pipeline's distill stage; running the recipe again resumes it and ends with the stages'
+    weights torch.equal to an uninterrupted pipeline's."""
+    recipe = tmp_path / "kill.yaml"
+    recipe.write_text(PIPELINE.format(model=tiny_model_dir, text=text))
+    cli("pipeline", "--config", recipe, "--out", tmp_path / "whole")
+    killed(point, ".checkpoint.old", "pipeline", "--config", recipe, "--out", tmp_path / "killed")
+    assert not (tmp_path / "killed" / "pipeline.json").exists()
+    cli("pipeline", "--config", recipe, "--out", tmp_path / "killed")
+    for stage in ("converted", "distill", "finetune"):
+        assert_same_weights(state(tmp_path / "whole" / stage), state(tmp_path / "killed" / stage))

@@ -244,6 +244,8 @@ def test_pickle_refused_by_the_library(files):
     shutil.copy(files["rnn"] / "config.json", converted_pickle / "config.json")
     with pytest.raises(T2RError, match="pickled.*save_pretrained"):
         t2r.load(converted_pickle)
+    with pytest.raises(OSError, match="safetensors"):  # HF's own loader, after `import t2r`: no pickle either
+        transformers.AutoModelForCausalLM.from_pretrained(converted_pickle)
     assert not files["marker"].exists()
 
 

@@ -47,6 +47,7 @@ def _make_classes(family: str) -> tuple[type, type]:
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
+        kwargs.setdefault("use_safetensors", True)  # a converted model is never read from a pickle, by any path
         loaded = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
         model, info = loaded if isinstance(loaded, tuple) else (loaded, None)  # output_loading_info=True: a pair
         if load_legacy_window_factors(model, path):
