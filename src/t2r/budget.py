@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .errors import T2RError
 from .units import fmt_bytes
 
@@ -32,8 +34,6 @@ def require_memory(needed: int, what: str, advice: str, *, device: str = "cpu") 
     """Raise `OutOfMemoryError` if `needed` bytes exceed the memory available (the CPU's; a CUDA device's own free
     memory for device cuda*)."""
     if str(device).startswith("cuda"):
-        import torch
-
         free = int(torch.cuda.mem_get_info(torch.device(device))[0])
     else:
         free = available_bytes()

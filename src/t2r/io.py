@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import T2RError
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place: readers see all or nothing."""
@@ -80,8 +82,6 @@ def check_writable(path: str | Path, flag: str = "--out", *, directory: bool = T
     """Refuse, before any work, an output `path` that cannot be written: a file where a directory is wanted (or the
     other way round), or a parent directory that cannot be created or written (read-only, permissions). Creates the
     missing parent directories, nothing else."""
-    from .errors import T2RError
-
     path = Path(path)
     if directory and path.exists() and not path.is_dir():
         raise T2RError(f"{flag} {path} is a file, not a directory: choose another {flag}")
@@ -99,8 +99,6 @@ def check_writable(path: str | Path, flag: str = "--out", *, directory: bool = T
 
 def refuse_symlink(path: str | Path, flag: str = "--out") -> None:
     """An output that would be replaced or deleted must not be a symbolic link: t2r never deletes through one."""
-    from .errors import T2RError
-
     path = Path(path)
     if path.is_symlink():
         raise T2RError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}): t2r never replaces or deletes "
