@@ -25,7 +25,7 @@ LOCAL_IMPORTS_ALLOWED = {"lm_eval", "peft", "matplotlib", "psutil", "torch.utils
 LAZY_IMPORT_MODULES = ("cli/",)
 LAZY_IMPORTS = {"recipe.py": {".mixers"}, "stages/recipes.py": {"..feature_maps"}, "train/config.py": {"torch"},
                 "ablation.py": {".adapters", ".attention", ".recipe", ".rng"},
-                "sources.py": {"torch", "transformers", ".adapters.base", ".adapters.classes"}}  # a refusal comes before torch
+                "sources.py": {"torch", "transformers", ".adapters.base", ".adapters.classes", ".persistence"}}  # a refusal comes before torch
 
 
 def modules() -> list[Path]:

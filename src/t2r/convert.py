@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, is_converted, mark_converted, restore_softmax, swap_attention
-from .attention import LinearAttention
+from .attention import LinearAttention, is_conversion_parameter
+from .budget import FLOAT_BYTES, require_memory
 from .errors import RecipeError, T2RError
 from .recipe import Recipe
 from .rng import seeded
@@ -55,6 +56,8 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
         model.config.t2r_encoder = encoder
     recipe = with_layers_to_convert(recipe, adapter.layer_windows(model.config), convert_layers)
     param = next(model.parameters())
+    require_memory(added_bytes(model, recipe, adapter), "the conversion's new weights",
+                   "choose a smaller --feature-dim (or convert fewer layers)", device=str(param.device))
     with seeded(seed) if seed is not None else nullcontext():
         swap_attention(model, recipe, adapter)
     # new modules are float32 on CPU; follow the model's device (feature maps stay float32 by design)
@@ -65,6 +68,19 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     mark_converted(model, recipe)
     log.info("converted %d attention layers (%s)", count_linear_layers(model), recipe.feature_map)
     return model
+
+
+def added_bytes(model: nn.Module, recipe: Recipe, adapter) -> int:
+    """Bytes of the weights the conversion adds (feature maps, mixer parameters: float32), counted on one layer built
+    on the meta device (no memory), times the layers converted."""
+    layers = adapter.decoder_layers(model)
+    converted = [i for i in range(len(layers)) if i not in recipe.keep_softmax_layers]
+    if not converted:
+        return 0
+    with torch.device("meta"):
+        probe = adapter.linear_attention(getattr(layers[converted[0]], adapter.attention_attr), converted[0], recipe)
+    per_layer = sum(p.numel() for n, p in probe.named_parameters() if is_conversion_parameter(n))
+    return per_layer * len(converted) * FLOAT_BYTES
 
 
 def with_layers_to_convert(recipe: Recipe, windows: list[int | None], spec: str | Iterable[int]) -> Recipe:

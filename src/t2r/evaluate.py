@@ -38,6 +38,11 @@ SPLITS = ("train", "heldout")
 DEFAULT_BLOCK_SIZE = 512
 
 
+def _exp(x: float) -> float:
+    """exp, inf instead of an OverflowError for a loss beyond float range (a broken model)."""
+    return math.exp(x) if x < 709 else float("inf")
+
+
 # ----------------------------------------------------------------------------- forward passes
 
 
@@ -133,7 +138,7 @@ def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None
 
 def _summary(total_nll: float, tokens: int, byte_count: int | None, **extra) -> dict:
     nll = total_nll / tokens
-    out = {"nll": nll, "ppl": math.exp(nll), "tokens": tokens, **extra}
+    out = {"nll": nll, "ppl": _exp(nll), "tokens": tokens, **extra}
     if byte_count:
         out["bytes"] = byte_count
         out["bits_per_byte"] = total_nll / math.log(2) / byte_count
@@ -240,8 +245,8 @@ def text_perplexity(model, tokenizer, documents: list[str], *, max_length: int, 
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     out = _summary(total_nll, sum(len(t) for t in ids), n_bytes, documents=len(documents), words=words,
                    max_length=max_length)
-    out["word_perplexity"] = math.exp(total_nll / words)
-    out["byte_perplexity"] = math.exp(total_nll / n_bytes)
+    out["word_perplexity"] = _exp(total_nll / words)
+    out["byte_perplexity"] = _exp(total_nll / n_bytes)
     return out
 
 

@@ -63,6 +63,15 @@ class GenerationResult:
         return asdict(self)
 
 
+def check_positions(model, length: int, what: str, advice: str) -> None:
+    """Refuse `length` tokens on a model with learned absolute positions (GPT-2's n_positions) that has fewer; rotary
+    models have no such limit (they read past their trained context, less well)."""
+    limit = adapter_for(model).max_positions(model.config)
+    if limit is not None and length > limit:
+        raise T2RError(f"{what} needs {length} positions but this model has {limit} learned position embeddings: "
+                       f"{advice}")
+
+
 def new_cache(model):
     """A fresh cache for `model`: the fixed-size recurrent cache for a converted model, HF's KV cache otherwise."""
     if is_converted(model):
@@ -88,6 +97,13 @@ def generate(model, tokenizer, prompts: str | list[str], *, max_new_tokens: int 
     prepare_tokenizer(tokenizer)
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    empty = [i for i, n in enumerate(enc["attention_mask"].sum(-1).tolist()) if n == 0] if enc["input_ids"].numel() \
+        else list(range(len(prompts)))
+    if empty:
+        what = "the prompt" if single else f"prompt {empty[0]}"
+        raise T2RError(f"{what} is empty (no tokens): give some text to continue")
+    check_positions(model, enc["input_ids"].shape[1] + max_new_tokens, "the prompt plus the new tokens",
+                    "shorten the prompt or ask for fewer new tokens")
     cache = new_cache(model)
     seeded = sampling.do_sample and sampling.seed is not None
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from .adapters import original_model
 from .data import cache_root, load_documents, prepare_data, tokenizer_identity
 from .errors import T2RError
 from .io import write_text
-from .persistence import is_t2r_dir, load, load_tokenizer
+from .persistence import check_weight_files, is_t2r_dir, load, load_tokenizer
 from .sources import load_model
 from .tasks import AUSTEN_BLOCKS, TASKS_DIR, TEXT_TASK  # noqa: F401  (TASKS_DIR: re-exported)
 
@@ -103,6 +103,8 @@ def _is_converted(model: str) -> bool:
 def make_lm(model: str, original: bool, context: int, batch_size: int, device: str):
     """(lm-eval model name or LM object, model_args, tokenizer, which) for `simple_evaluate`."""
     args = {"max_length": context, "dtype": "float32", "backend": "causal"}  # device: simple_evaluate's own
+    if Path(model).is_dir():  # lm-eval loads it itself: refuse pickles and damaged files first
+        check_weight_files(model)
     if not original and Path(model).is_dir():  # the ordinary path: lm-eval loads the directory itself
         tokenizer = load_tokenizer(model)
         if tokenizer is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from .errors import ModelSourceError
+from .errors import ModelSourceError, T2RError
 from .families import base_model_type, check_model_type, model_type_of_gguf
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,29 @@ def load_model(spec: str | None, dtype=None):
 
     from .adapters.base import drop_dequantized_quantizer
     from .adapters.classes import auto_class
+    from .persistence import CONFIG_ERRORS, check_weight_files, refuse_missing_weights
 
     kwargs = {"dtype": dtype or torch.float32}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    else:  # never a pickle: a local directory's weights are checked first, the hub's must be safetensors
+        kwargs.update(use_safetensors=True, trust_remote_code=False)
+        if source.kind == "dir":
+            try:
+                check_weight_files(source.path)
+            except T2RError as err:
+                raise ModelSourceError(str(err)) from None
     log.info("loading %s", source.describe())
     try:
-        model = auto_class(source.model_type).from_pretrained(source.path, **kwargs)
+        model, info = auto_class(source.model_type).from_pretrained(source.path, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
-    except (OSError, ValueError, KeyError) as err:
+    except CONFIG_ERRORS as err:
         raise ModelSourceError(_explain(source, err)) from err
+    if not source.gguf_file:
+        try:
+            refuse_missing_weights(source.describe(), info)
+        except T2RError as err:
+            raise ModelSourceError(str(err)) from None
     if source.gguf_file:
         drop_dequantized_quantizer(model)
     model.eval()
@@ -227,7 +240,7 @@ def _skip_gguf_value(f, kind: int) -> None:
 
 
 def _explain(source: ModelSource, err: Exception) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first_line = " ".join(str(err).split())[:300] or type(err).__name__
     if source.kind == "hub":
         if _hub_offline():
             return (f"model {source.path!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1): "

@@ -27,7 +27,7 @@ import torch
 
 from .adapters import is_converted
 from .errors import T2RError
-from .generate import new_cache
+from .generate import check_positions, new_cache
 
 EXACT_TOLERANCE = 1e-6  # float64
 TOLERANCES = {torch.float64: EXACT_TOLERANCE, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -35,6 +35,27 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 ROUNDING_FACTOR = 2.0  # a 16-bit model's bound: this many times the dtype's own error on the model (see above)
 COARSE = 0.25  # a dtype whose own error on the model is above this is too coarse to run it (see above)
 CHECKS = ("chunk_vs_quadratic", "recurrent_vs_full", "padded_vs_alone")
+
+
+MAX_WEIGHT_MAGNITUDE = 1e10  # far above any trained LM's weights; a flipped exponent bit gives ~1e36
+
+
+def check_weights(model) -> None:
+    """Refuse a model with a NaN, an infinity or an implausibly large value (|w| > 1e10: a flipped exponent bit) in
+    any weight, naming the first such tensor: such a model computes garbage or overflows, silently."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        tensor = tensor.detach()
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(tensor).sum())
+            raise T2RError(f"weight {name} has {nan} NaN and {int((~finite).sum()) - nan} infinite values: the model "
+                           "files are damaged or a run diverged; use an earlier checkpoint or convert again")
+        peak = float(tensor.abs().max())
+        if peak > MAX_WEIGHT_MAGNITUDE:
+            raise T2RError(f"weight {name} holds a value of magnitude {peak:.3g} (> {MAX_WEIGHT_MAGNITUDE:.0e}): the "
+                           "model files are damaged (e.g. a flipped bit); download or convert them again")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,6 +116,7 @@ def _verify(model, *, tokens: int, prefill: int, pad: int, seed: int, exact: boo
         raise T2RError("verify needs a converted model (run `t2r convert` first)")
     if not 1 <= prefill < tokens or not 0 <= pad < tokens:
         raise T2RError(f"need 1 <= prefill < tokens and 0 <= pad < tokens; got {prefill=}, {tokens=}, {pad=}")
+    check_positions(model, tokens, f"verify of {tokens} tokens", "check fewer --tokens")
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     param = next(model.parameters())

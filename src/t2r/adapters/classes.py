@@ -55,11 +55,17 @@ def _make_classes(family: str) -> tuple[type, type]:
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
-        model = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
+        kwargs.setdefault("use_safetensors", True)  # a converted model is never read from a pickle, by any path
+        loaded = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
+        model, info = loaded if isinstance(loaded, tuple) else (loaded, None)  # output_loading_info=True: a pair
         if load_legacy_window_factors(model, path):
             log.info("%s was saved before mixers (recipe version 1): its window factors were moved into the mixers "
                      "(the load report's window_logit lines are expected)", path)
-        return model
+            if info is not None:  # found after all
+                moved = ".mixer" + LEGACY_WINDOW_KEY
+                info["missing_keys"] = type(info["missing_keys"])(k for k in info["missing_keys"]
+                                                                  if not k.endswith(moved))
+        return loaded
 
     model_cls = type(f"T2R{base_model.__name__}", (base_model,),
                      {"config_class": config_cls, "__init__": __init__, "from_pretrained": from_pretrained,

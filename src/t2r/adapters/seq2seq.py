@@ -178,6 +178,10 @@ class Seq2SeqAdapter(Adapter):
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.decoder.layers)
 
+    def linear_attention(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> nn.Module:
+        """A decoder layer's self-attention made linear (`swap` also converts its cross-attention)."""
+        return DecoderSelfLinearAttention(original, layer_idx, recipe)
+
     def encoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.encoder.layers)
 

@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from ..adapters import adapter_for, cache_bytes, original_model
+from ..budget import kv_cache_bytes, require_memory
 from ..decode import decode, iter_decode
 from ..generate import new_cache
 from .llamacpp import llamacpp_rows
@@ -292,6 +293,10 @@ def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: st
     variants, variant_notes = build_variants(converted, options)
     vocab = converted.config.get_text_config(decoder=True).vocab_size
     param = next(converted.parameters())
+    context, batch = max(options.contexts), max(options.batch)
+    require_memory(kv_cache_bytes(converted.config, context, batch, param.element_size()),
+                   f"the original model's KV cache at context {context} x batch {batch}",
+                   "choose smaller --contexts or --batch", device=str(device))
     result = {"machine": machine_info(device), "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": torch.get_num_threads(), "dtype": str(param.dtype).replace("torch.", ""),
               "model": getattr(converted.config, "_name_or_path", ""), "recipe": converted.config.t2r,

@@ -19,7 +19,7 @@ def parse_sizes(spec: str, what: str = "--contexts") -> list[int]:
         scale = 1024 if part.endswith("k") else 1
         try:
             value = int(float(part[:-1] if scale > 1 else part) * scale)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or inf / nan
             raise T2RError(f"{what} takes comma-separated sizes like 128,1k,4k (k = 1024); got {spec!r}") from None
         if value <= 0:
             raise T2RError(f"{what} sizes must be positive; got {part!r} in {spec!r}")

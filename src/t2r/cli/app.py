@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     except (T2RError, ValueError) as err:
         print(f"t2r {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # a file or folder the system refuses (read-only, full disk, permissions): the user's to fix
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"t2r {args.command}: error: {err.strerror or err}{where}: check the path, its permissions and the free "
+              "disk space", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"t2r {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130

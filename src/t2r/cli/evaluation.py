@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from ..ablation import PARTS
 from ..bench import BenchSettings, parse_sizes
 from ..errors import T2RError
+from ..io import check_writable
 from ..settings import Settings
 from ..tasks import AUSTEN_BLOCKS, TEXT_TASK
 from .models import check_language_model, load_with_teacher, torch_dtype
@@ -161,6 +162,10 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
         raise T2RError("--ablate works on --data blocks or --positions documents, not with --text")
     start = time.perf_counter()
     student, load_teacher, tokenizer = load_with_teacher(model, dtype=dtype)
+    from ..generate import check_positions
+
+    check_positions(student if student is not None else load_teacher(), context, f"--context {context}",
+                    "choose a shorter --context")
     if options.ablate and student is None:
         raise T2RError(f"--ablate switches off parts of a converted model; {model!r} is not one")
     if text is not None:
@@ -234,6 +239,7 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
         raise T2RError("--batch-size and --limit must be positive")
     if not (Path(model).exists() or model.count("/") <= 1):
         raise T2RError(f"no such model directory or file: {model!r}")
+    check_device(device)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     start = time.perf_counter()
     lm, model_args, tokenizer, which = make_lm(model, original, context, batch_size, device)
@@ -245,6 +251,9 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(task_list) <= ours,
                           metadata={"tokenizer": tokenizer, **({"text": text} if text else {})})  # indexing lm-eval's
     # own tasks takes seconds; the recall tasks build their prompts with the model's tokenizer
+    unknown = [t for t in task_list if t not in manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        raise T2RError(f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`; t2r's own: {', '.join(sorted(ours))}")
     log.info("lm-eval %s on %s (%s model)", ",".join(task_list), model, which)
     results = simple_evaluate(model=lm, model_args=model_args, tasks=task_list, batch_size=batch_size,
                               device=device, limit=limit, task_manager=manager, log_samples=False,
@@ -254,6 +263,20 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
     return {"model": model, "which": which, "tasks": task_list, "text": text, "context": context,
             "limit": limit, "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
             "results": task_metrics(results["results"]), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and can see here (`--device`)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise T2RError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
+    if kind not in ("cpu", "cuda"):
+        raise T2RError(f"--device {device!r}: t2r runs on cpu or cuda")
 
 
 def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot: str | None = None,
@@ -279,8 +302,10 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
 
     if threads is not None and threads < 1:
         raise T2RError(f"--threads must be >= 1, got {threads}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise T2RError(f"--device {device}: no CUDA device is visible to torch here")
+    check_device(device)
+    for path, name in ((plot, "--plot"), (out_json, "--out-json")):
+        if path:
+            check_writable(path, name, directory=False)  # before minutes of measuring
     converted = load(model, dtype=torch_dtype(dtype))
     check_language_model(converted, model)
     previous = torch.get_num_threads()

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from ..errors import T2RError
+from ..io import check_writable, refuse_symlink
 from ..recipe import INITS
 from ..settings import Settings
 from ..stages.recipes import ConvertSettings
@@ -101,6 +102,9 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
 
     check_source(model)  # an unsupported family: refused from its config or GGUF header, before torch is imported
     check_layers(options, layer_count(model))  # a layer that is not there: said before the weights load
+    check_writable(out)  # before minutes of loading
+    if overwrite:
+        refuse_symlink(out)
     weights_dtype = torch_dtype(dtype)
     from ..attention import is_conversion_parameter
     from ..convert import convert, count_linear_layers, reinitialize
@@ -155,11 +159,13 @@ def load_converted(path: str, *, need_tokenizer: bool = True, dtype: str = "floa
     """(model, tokenizer) of a converted directory, its weights in `dtype` (a name of DTYPES); without tokenizer
     files a command that needs them stops; a translation model only where `translation` says the command takes one."""
     from ..persistence import load, load_tokenizer
+    from ..verify import check_weights
 
     log.info("loading %s", path)
     model, tokenizer = load(path, dtype=torch_dtype(dtype)), load_tokenizer(path)
     if not translation:
         check_language_model(model, path)
+    check_weights(model)
     if tokenizer is None and need_tokenizer:
         raise T2RError(f"{path!r} has no tokenizer files: convert it again with `t2r convert` (it saves one)")
     return model, tokenizer
@@ -170,12 +176,14 @@ def load_any(model: str, *, dtype: str = "float32", translation: bool = False):
     through `t2r.sources`; a tokenizer is required; a translation model only where `translation` says so."""
     from ..persistence import is_t2r_dir
     from ..sources import load_model
+    from ..verify import check_weights
 
     if Path(model).is_dir() and is_t2r_dir(Path(model)):
         return load_converted(model, dtype=dtype, translation=translation)
     loaded, tokenizer, _ = load_model(model, dtype=torch_dtype(dtype))
     if not translation:
         check_language_model(loaded, model)
+    check_weights(loaded)
     if tokenizer is None:
         raise T2RError(f"{model!r} has no tokenizer files: save it with its tokenizer (t2r convert does)")
     return loaded, tokenizer

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import T2RError
+from ..io import check_writable
 from ..parallel import is_parallel_dir, is_parallel_source, prepare_parallel
 from ..stages.recipes import read_recipe
 from ..train.settings import DistillSettings, FinetuneSettings
@@ -30,6 +31,7 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
         block_size: tokens per block.
         as_json: print the summary as JSON.
     """
+    check_writable(out)
     if is_parallel_source(source):
         meta = prepare_parallel(source, out)
         return {"source": source, "out": str(out), **{k: meta[k] for k in (
@@ -63,6 +65,7 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
     from ..train.checkpoint import check_run_dir
 
     config = options.train_config(progress)
+    check_writable(out)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_converted(model)
     blocks = load_training_data(data, tokenizer, block_size)
@@ -95,18 +98,20 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
     if is_parallel_source(data) or is_parallel_dir(data):  # a translation model on sentence pairs
         return finetune_pairs(model, data, options, out, overwrite)
     from ..stages.distill import load_training_data
-    from ..stages.finetune import Finetuning, check_same_tokenizer, finetune_model
+    from ..stages.finetune import Finetuning, check_same_tokenizer, check_same_vocabulary, finetune_model
     from ..train.checkpoint import check_run_dir
 
     if teacher is not None and not options.kd:
         raise T2RError("--teacher is used only for distillation: add --kd WEIGHT (e.g. --kd 1)")
     config = options.train_config(progress)
+    check_writable(out)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_any(model)
     teacher_model = None
     if teacher is not None:
         teacher_model, teacher_tokenizer = load_any(teacher)
         check_same_tokenizer(tokenizer, teacher_tokenizer, teacher)
+        check_same_vocabulary(student, teacher_model, teacher)
     blocks = load_training_data(data, tokenizer, block_size)
     started = time.perf_counter()
     settings = {"model": str(Path(model).resolve()) if Path(model).exists() else model, "data": data,

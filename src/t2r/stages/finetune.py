@@ -130,6 +130,16 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> 
                        "same model family, or leave --teacher out to use the student's own original model")
 
 
+def check_same_vocabulary(student: nn.Module, teacher: nn.Module, name: str) -> None:
+    """Knowledge distillation compares the two models' logits position by position: their output sizes must match."""
+    sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
+    if sizes[0] != sizes[1]:
+        kinds = [m.config.model_type for m in (student, teacher)]
+        raise T2RError(f"the teacher {name!r} ({kinds[1]}) predicts {sizes[1]} tokens, the student ({kinds[0]}) "
+                       f"{sizes[0]}: distillation needs the same vocabulary; pick a teacher from the same model "
+                       "family, or leave --teacher out to use the student's own original model")
+
+
 def finetune_model(student: nn.Module, blocks, out: str | Path, config: TrainConfig, *, tokenizer=None,
                    method: Finetuning = Finetuning(), settings: dict | None = None, resume: bool = False,
                    overwrite: bool = False, on_step=None) -> dict:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import T2RError, TrainError  # noqa: F401  (TrainError: defined with the other errors, so that
 # the settings can raise it without importing torch)
-from ..io import replace_dir, write_json, write_text
+from ..io import refuse_symlink, replace_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ SUMMARY = "train.json"
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
     """Check OUT for a new or resumed run without touching it: (checkpoint to resume from or None, wipe OUT first).
     Every process runs this, so all of them raise the same error."""
+    if out.is_symlink() and (resume or overwrite):
+        refuse_symlink(out)
     checkpoint = find_checkpoint(out)
     finished = (out / SUMMARY).is_file()
     empty = not (out.exists() and any(out.iterdir()))
@@ -86,7 +88,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 class RunLock:
     """An exclusive lock on OUT (a sibling file `.OUT.lock`, flock: released by the OS even after kill -9), so that
-    two runs never write into one directory."""
+    two runs never write into one directory. A lock file left by a process that is gone (its flock went with it) is
+    taken over with a warning naming that process."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.path = out, out.with_name(f".{out.name}.lock")
@@ -104,8 +107,11 @@ class RunLock:
             holder = self.path.read_text().strip() or "?"
             raise TrainError(f"another t2r run is writing to {self.out} (process {holder}): wait for it to end, "
                              "or choose another --out") from None
+        stale = os.read(fd, 64).decode(errors="replace").strip()
+        if stale:  # the file outlived its holder (kill -9, a crash): flock let go with it
+            log.warning("taking over the stale run lock %s of process %s, which is gone", self.path, stale)
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
         return self
 

@@ -30,7 +30,10 @@ def parse_tokens(spec: str | int) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kmbg]?)\s*(?:tokens?)?\s*", str(spec).lower())
         if not m:
             raise TrainError(f"a token budget is a number of tokens like 300000, 300k or 1M, got {spec!r}")
-        value = round(float(m[1]) * _UNITS[m[2]])
+        number = float(m[1]) * _UNITS[m[2]]
+        if not math.isfinite(number):
+            raise TrainError(f"a token budget must be a finite number of tokens, got {spec!r}")
+        value = round(number)
     if value <= 0:
         raise TrainError(f"the token budget must be positive, got {spec!r}: nothing would be trained")
     return value

@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..budget import activation_bytes, require_memory
 from ..io import write_json
 from ..rng import seeded
 from .checkpoint import (
@@ -153,6 +154,12 @@ class Trainer:
         num_blocks, self.block_size = self.train_blocks.shape
         self.tokens_per_step = config.batch_size * config.grad_accum * acc.num_processes * self.block_size
         self.total_steps = config.total_steps(self.tokens_per_step)
+        hf_config = next((m.config for m in task.module.modules() if hasattr(getattr(m, "config", None),
+                                                                            "num_hidden_layers")), None)
+        if hf_config is not None:
+            require_memory(activation_bytes(hf_config, config.batch_size * self.block_size), f"a micro-batch of {config.batch_size} blocks of "
+                           f"{self.block_size} tokens", "choose a smaller --batch-size (and raise --grad-accum)",
+                           device=str(acc.device))
         self.settings = json.loads(json.dumps({
             **settings, **config.resume_settings(), "processes": acc.num_processes, "block_size": self.block_size,
             "train_blocks": num_blocks, "total_steps": self.total_steps}))
