@@ -52,3 +52,45 @@ def test_cli_convert_default_model(tmp_path, capsys):
     assert main(["generate", str(out), "--max-new-tokens", "8", "--json"]) == 0
     text = capsys.readouterr().out
     assert '"new_tokens": 8' in text
+
+
+BATCH_SCRIPT = """
+import json, resource, sys, torch
+import t2r
+torch.set_num_threads(1)
+model, tokenizer = t2r.load(sys.argv[1]), t2r.persistence.load_tokenizer(sys.argv[1])
+prompts = json.loads(sys.argv[2])
+t2r.generate(model, tokenizer, prompts[0], max_new_tokens=2)  # warm: every lazy allocation made once
+peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+batch = t2r.generate(model, tokenizer, prompts, max_new_tokens=12)
+peak_batch = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+alone = [t2r.generate(model, tokenizer, p, max_new_tokens=12).texts[0] for p in prompts]
+print(json.dumps({"batch": batch.texts, "alone": alone, "state_bytes": batch.state_bytes,
+                  "peak_before": peak_before, "peak_batch": peak_batch, "prompt_tokens": batch.prompt_tokens}))
+"""
+WORDS = ("It is a truth universally acknowledged that a single man in possession of a good fortune must be in want of "
+         "a wife however little known the feelings or views of such a man may be on his first entering a "
+         "neighbourhood this truth is so well fixed in the minds of the surrounding families").split()
+BATCH_MARGIN = 1 << 30  # activations and logits of the batch's prefill, on top of the weights and the state
+
+
+def test_a_batch_of_64_left_padded_prompts_gives_each_row_what_it_gets_alone(smollm2, tmp_path):
+    """64 prompts of 1 to 50 words, left-padded into one batch: each row's greedy continuation equals that prompt's
+    alone, and the batch raises the process's peak memory by at most its fixed-size state plus BATCH_MARGIN (the
+    prefill's activations and logits); the weights were already there."""
+    import json
+    import subprocess
+    import sys
+
+    model, tokenizer = smollm2
+    out = tmp_path / "smol-rnn"
+    t2r.save(t2r.convert(model, inplace=False), out, tokenizer)
+    prompts = [" ".join(WORDS[: 1 + (i * 7) % 50]) for i in range(64)]
+    done = subprocess.run([sys.executable, "-c", BATCH_SCRIPT, str(out), json.dumps(prompts)], capture_output=True,
+                          text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print({k: result[k] for k in ("state_bytes", "peak_before", "peak_batch", "prompt_tokens")})  # for RESULTS
+    assert result["batch"] == result["alone"]
+    assert result["state_bytes"] == 64 * 30 * 9 * (128 * 64 + 128) * 4  # 64 rows of the default recipe's state
+    assert result["peak_batch"] - result["peak_before"] <= result["state_bytes"] + BATCH_MARGIN, result
