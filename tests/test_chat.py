@@ -15,6 +15,7 @@ import t2r
 import t2r.cli
 from conftest import byte_tokenizer, tiny_model
 from t2r.chat import Chat, chat_text, has_chat_template
+from test_cli import run_cli
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
             "{% if add_generation_prompt %}<s>assistant: {% endif %}")
@@ -87,14 +88,6 @@ def test_streamer_gets_the_reply(capsys):
                                                                skip_special_tokens=True))
     assert capsys.readouterr().out == reply.text + "\n"
 
-
-def run_cli(capsys, *argv):
-    try:
-        code = t2r.cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_uses_the_template_by_default_and_raw_turns_it_off(capsys, chat_dir):

@@ -11,6 +11,7 @@ import pytest
 
 import t2r
 import t2r.cli
+from test_cli import run_cli
 
 SRC = str(Path(t2r.__file__).resolve().parents[1])
 EXIT_USAGE = 2
@@ -21,14 +22,6 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
 
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = t2r.cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_of_every_command_imports_neither_torch_nor_transformers():

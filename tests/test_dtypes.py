@@ -13,6 +13,7 @@ import t2r
 import t2r.cli
 from conftest import tiny_model
 from t2r.ops.common import DeltaState, LinearState
+from test_cli import run_cli
 
 HALF = [torch.bfloat16, torch.float16]
 MAPS = ["t2r", "hedgehog", "taylor", "elu", "relu", "rfa", "performer"]
@@ -97,14 +98,6 @@ def test_verify_passes_in_half_precision_with_a_bound_that_follows_the_dtype(fam
     assert report["tolerance"] == max(3e-2, report["rounding_factor"] * report["dtype_rounding_error"])
     assert all(p.dtype == dtype for p in model.parameters())  # the model itself is left as it was
 
-
-def run_cli(capsys, *argv):
-    try:
-        code = t2r.cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_dtype(capsys, tiny_model_dir, tmp_path):
