@@ -196,6 +196,16 @@ def test_training_draws_from_its_own_seeded_rng(tmp_path, tokenizer):
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_matches(tmp_path, tokenizer):
+    # Python's own Ctrl-C handler, even where this process was started in the background (a shell sets SIGINT to
+    # "ignore" for background jobs, and Python then installs no handler of its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_then_resume(tmp_path, tokenizer)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_then_resume(tmp_path, tokenizer):
     cfg = config(checkpoint_every=0)
     finetune_model(student(tokenizer), blocks(), tmp_path / "a", cfg, tokenizer=tokenizer)
 
