@@ -19,7 +19,16 @@ from t2r.adapters import original_model
 from t2r.data import prepare_data
 from t2r.evaluate import perplexity
 from t2r.persistence import load_tokenizer
-from t2r.quantize import quantize
+from t2r.quantize import pretrained_linear_names, quantize
+
+
+def _quantized(model, mode, tokenizer):
+    model = copy.deepcopy(model)
+    if mode != "int8-plain":
+        return quantize(model, mode, tokenizer=tokenizer)
+    names = pretrained_linear_names(model)
+    return torch.ao.quantization.quantize_dynamic(model, {n: torch.ao.quantization.per_channel_dynamic_qconfig
+                                                          for n in names}, dtype=torch.qint8, inplace=True)
 
 
 def main() -> None:
@@ -29,7 +38,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--max-blocks", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--modes", default="int8,fp16")
+    parser.add_argument("--modes", default="int8,fp16,int8-plain",
+                        help="t2r.quantize modes, and int8-plain: PyTorch's quantize_dynamic int8 (one activation "
+                        "scale per call, no outlier channels), what t2r used before")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,7 +52,7 @@ def main() -> None:
         fp = perplexity(model, blocks, context=args.context)["ppl"]
         result[name] = {"float32": fp}
         for mode in args.modes.split(","):
-            q = perplexity(quantize(copy.deepcopy(model), mode), blocks, context=args.context)["ppl"]
+            q = perplexity(_quantized(model, mode, tokenizer), blocks, context=args.context)["ppl"]
             result[name][mode] = {"ppl": q, "change": q / fp - 1}
             print(f"{name:<9} float32 {fp:8.2f}  {mode} {q:8.2f}  change {100 * (q / fp - 1):+.2f}%", flush=True)
     if args.out:

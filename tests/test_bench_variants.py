@@ -85,3 +85,48 @@ def test_llamacpp_rows_through_the_api(gguf, monkeypatch):
 def test_bad_quantize_flag_is_one_line(rnn_dir):
     with pytest.raises(T2RError, match="--quantize is one of"):
         bench_command(str(rnn_dir), options=BenchSettings(contexts="8", batch="1", quantize="int3", **FAST))
+
+
+def test_llamacpp_steps_alternate_with_the_torch_models(rnn_dir, gguf, monkeypatch):
+    """In `t2r bench`, llama.cpp's one-token steps of a context take turns with the torch models' steps (so both are
+    timed under the same load); its prefill comes after theirs and its row lands in result["llamacpp"]."""
+    from t2r.bench import measure
+
+    events = []
+
+    class FakeLlama:
+        metadata = {"general.architecture": "llama", "llama.block_count": "2", "llama.attention.head_count": "4",
+                    "llama.embedding_length": "64"}
+
+        def __init__(self, model_path, n_ctx, n_threads, **kwargs):
+            events.append(f"init {n_ctx}")
+
+        def n_vocab(self):
+            return 100
+
+        def eval(self, tokens):
+            events.append(f"llama {len(tokens)}")
+
+    real_iter_decode = measure.iter_decode
+
+    def logged(*args, **kwargs):
+        for tokens in real_iter_decode(*args, **kwargs):
+            events.append("torch")
+            yield tokens
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setattr(measure, "iter_decode", logged)
+    r = bench_command(str(rnn_dir), options=BenchSettings(contexts="8,16", batch="1,2", llamacpp=str(gguf), **FAST),
+                      threads=1)
+    rows = r["llamacpp"]["rows"]
+    assert [row["context"] for row in rows] == [8, 16] and "alternate" in r["llamacpp"]["note"]
+    assert all(row["decode_steps"] == 3 and row["cache_bytes"] == kv_bytes(FakeLlama.metadata, row["context"])
+               for row in rows)
+    first = events.index("init 20")  # context 8 + warm-up 1 + 3 steps + 8
+    turn = events[first + 2:first + 2 + 3 * 4]  # prefill, then each step: original, converted, llama.cpp
+    assert turn == ["torch", "torch", "llama 1"] * 4
+    assert not any(row["model"] == "llama.cpp" for row in r["rows"])
+    assert "llama.cpp" in render_bench(r)
+    r = bench_command(str(rnn_dir), options=BenchSettings(contexts="8", batch="2", llamacpp=str(gguf), **FAST),
+                      threads=1)
+    assert "--batch does not include 1" in r["llamacpp"]["skipped"]

@@ -94,3 +94,21 @@ def test_a_batch_of_64_left_padded_prompts_gives_each_row_what_it_gets_alone(tmp
     assert result["batch"] == result["alone"]
     assert result["state_bytes"] == 64 * 30 * 9 * (128 * 64 + 128) * 4  # 64 rows of the default recipe's state
     assert result["peak_batch"] - result["peak_before"] <= result["state_bytes"] + BATCH_MARGIN, result
+
+
+@pytest.mark.slow
+def test_llamacpp_rows_on_the_real_gguf():
+    """llama.cpp itself (the optional extra t2r[llamacpp], a source build: where it is not installed this test is
+    skipped, and the stand-in tests in test_bench_variants.py cover the code path) on SmolLM2's GGUF."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (t2r[llamacpp]) is not installed")
+    from t2r.bench import BenchSettings
+    from t2r.bench.llamacpp import kv_bytes, llamacpp_rows
+    from t2r.sources import default_gguf_path
+
+    out = llamacpp_rows(str(default_gguf_path()), BenchSettings(contexts="16,64", decode_tokens=4, warmup=1),
+                        threads=1)
+    assert [r["context"] for r in out["rows"]] == [16, 64]
+    for r in out["rows"]:
+        assert r["decode_ms_per_token"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_steps"] == 4
+        assert r["cache_bytes"] == 2 * 30 * 3 * 64 * r["context"] * 2  # 30 layers, 3 KV heads of 64, f16
+    assert kv_bytes({}, 16) is None

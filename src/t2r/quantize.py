@@ -1,19 +1,20 @@
-"""Smaller weights for CPU decode: every pretrained `nn.Linear` (projections, MLP, LM head) becomes PyTorch's dynamically
-quantized linear, applied at load time: int8 (int8 weights with per-output-channel scales, activations quantized to
-8 bits per call) or fp16 (float16 weights, float32 activations).
+"""Smaller weights for CPU decode: every pretrained `nn.Linear` (projections, MLP, LM head) becomes a quantized linear,
+applied at load time: int8 (`t2r.int8.Int8Linear`: int8 weights with per-output-channel scales, 8-bit activations
+with one scale per token, and the few outlier input channels found on calibration tokens kept in float32) or fp16
+(PyTorch's dynamically quantized linear with float16 weights, float32 activations).
 
 What the conversion added (feature maps, mixer parameters) stays float32, and so does the recurrent state: the
 state update and read-out run in float32 exactly as before. Only the matrix-vector products with the big pretrained
 weights read a quarter (int8) or half (fp16) of the bytes, which is where a decode step spends most of its time.
-int8's 8-bit activations cost perplexity on models with activation outliers (SmolLM2's MLP down projection);
-fp16 does not (docs/RESULTS.md, issue 16).
+PyTorch's plain int8 linear (one activation scale per call, outliers included) cost a trained converted SmolLM2 160%
+of held-out perplexity; with per-token scales and float32 outliers it is about 2% (docs/RESULTS.md, issue 16).
 
 Why this kernel: `benchmarks/quantize_kernels.py` on the 2-core EPYC VM at 1 thread, SmolLM2's shapes at batch 1:
 PyTorch's `quantize_dynamic` linear (fbgemm/x86, per-channel int8 weights) took 0.4-0.5x the float32 time for the
 MLP projections and under 0.1x for the 49152-row LM head, while torchao 0.18's int8 configs took 1-17x (without
 `torch.compile` they dequantise in eager ops) and `torch._weight_int8pack_mm` 3-22x.
 
-    model = t2r.load("runs/rnn"); quantize(model, "int8")      # in place; returns the model
+    model = t2r.load("runs/rnn"); quantize(model, "int8", tokenizer=tok)   # in place; returns the model
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch
 from torch import nn
 
 from .attention import is_conversion_parameter
+from .calibration import calibration_ids
 from .errors import T2RError
+from .int8 import Int8Linear, find_outliers
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +53,16 @@ def pretrained_linear_names(model: nn.Module) -> set[str]:
             if isinstance(module, nn.Linear) and not is_conversion_parameter(name + ".weight")}
 
 
-def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
+def quantize(model: nn.Module, mode: str = "int8", *, tokenizer=None, calibration: torch.Tensor | None = None
+             ) -> nn.Module:
     """Swap the pretrained linears of `model` (on the CPU, float32) for quantized ones, in place; "none" does nothing.
 
-    int8: per-output-channel int8 weights, activations quantized to 8 bits per call (fbgemm's int8 GEMM). fp16:
-    weights stored as float16, activations and accumulation float32 (fbgemm's fp16 GEMM): half the bytes, near
-    lossless. Tied weights (an LM head sharing the embedding) are untied on the way: the head gets its own quantized
-    copy and the embedding lookup stays float32. Records `model.config.t2r_quantize = mode`."""
+    int8: `t2r.int8.Int8Linear` (int8 GEMM, per-token activation scales); its outlier channels are found on
+    `calibration` (token ids, (B, T)), else on t2r's built-in text through `tokenizer`; with neither, no channel is
+    kept in float32 (a warning says what that costs). fp16: weights stored as float16, activations and accumulation
+    float32 (fbgemm's fp16 GEMM): half the bytes, near lossless. Tied weights (an LM head sharing the embedding) are
+    untied on the way: the head gets its own quantized copy and the embedding lookup stays float32. Records
+    `model.config.t2r_quantize = mode`."""
     mode = check_quantize(mode)
     if mode == "none":
         return model
@@ -70,15 +76,36 @@ def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
         raise T2RError(f"--quantize {mode}: the model has no nn.Linear layers to quantize")
     engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
     torch.backends.quantized.engine = engine
-    qconfig, dtype = ((torch.ao.quantization.per_channel_dynamic_qconfig, torch.qint8) if mode == "int8" else
-                      (torch.ao.quantization.float16_dynamic_qconfig, torch.float16))
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
-        warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in names}, dtype=dtype, inplace=True)
+    if mode == "int8":
+        outliers = _outliers(model, names, tokenizer, calibration)
+        for name in names:
+            _replace(model, name, Int8Linear(model.get_submodule(name), outliers.get(name)))
+        log.info("quantized %d linear layers to int8 (%s engine; %d outlier input channels kept in float32)",
+                 len(names), engine, sum(len(c) for c in outliers.values()))
+    else:
+        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(model, {name: torch.ao.quantization.float16_dynamic_qconfig
+                                                           for name in names}, dtype=torch.float16, inplace=True)
+        log.info("quantized %d linear layers to fp16 (%s engine)", len(names), engine)
     model.config.t2r_quantize = mode
-    log.info("quantized %d linear layers to %s (%s engine)", len(names), mode, engine)
     return model
 
 
+def _outliers(model: nn.Module, names: set[str], tokenizer, calibration) -> dict[str, torch.Tensor]:
+    if calibration is None and tokenizer is not None:
+        calibration = calibration_ids(tokenizer)
+    if calibration is None:
+        log.warning("--quantize int8 without calibration tokens: no outlier channel is kept in float32, which can "
+                    "cost a language model much perplexity (pass tokenizer= or calibration=)")
+        return {}
+    return find_outliers(model, names, calibration)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, torch.ao.nn.quantized.dynamic.Linear)) for m in model.modules())

@@ -1,12 +1,14 @@
 """The runtime a CPU user would pick, measured beside t2r: llama.cpp (through `llama-cpp-python`, the optional extra
 `t2r[llamacpp]`) decoding the GGUF file itself, same threads, per context length: a real prefill of random tokens,
-then timed one-token steps (`Llama.eval`). Without the package the bench records why and skips these rows."""
+then one-token steps (`Llama.eval`). `t2r bench` steps it in turn with the torch models (`LlamaCpp.steps`), so its
+row of a context is measured under the same load as theirs. Without the package the bench records why and skips it."""
 
 from __future__ import annotations
 
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,8 +17,12 @@ from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
 
+NAME = "llama.cpp"
 MISSING = ("llama.cpp rows skipped: llama-cpp-python is not installed (pip install 't2r[llamacpp]'; it builds "
-           "llama.cpp from source, which can take an hour on a small machine)")
+           "llama.cpp from source: 6 minutes on an idle 2-core machine, much longer on a busy one)")
+NOTE = ("llama.cpp through llama-cpp-python on the GGUF file as it is (its own quantization), batch 1, same threads; "
+        "its steps alternate with the torch models' steps of the same context; cache_bytes: its f16 KV cache "
+        "computed from the GGUF metadata")
 
 
 def kv_bytes(metadata: dict, context: int, bytes_per_value: int = 2) -> int | None:
@@ -40,43 +46,90 @@ def _load_llama():
     return Llama
 
 
-def llamacpp_rows(gguf: str, options: BenchSettings, threads: int | None = None) -> dict:
-    """{"rows": [...], "note": ...}: llama.cpp's decode ms/token, prefill tokens/s and KV bytes per context (batch
-    1), or {"rows": [], "skipped": why} when llama-cpp-python is missing or the file is not there."""
+class LlamaCpp:
+    """llama.cpp on one GGUF at batch 1: `prefill(length)` builds a fresh context holding `length` random tokens,
+    `steps(n)` then yields after each of n one-token evaluations."""
+
+    def __init__(self, Llama, gguf: str, options: BenchSettings, threads: int) -> None:
+        self.Llama, self.gguf, self.options, self.threads = Llama, str(gguf), options, threads
+        self.llm, self.length, self.rate = None, 0, None
+
+    def predicted_seconds(self, length: int) -> float | None:
+        return length / self.rate if self.rate else None
+
+    def prefill(self, length: int) -> dict:
+        """Prefill `length` tokens, or skip the context when the last prefill's rate predicts more than the cap.
+        Returns the row's prefill fields (`skipped` set when skipped)."""
+        predicted = self.predicted_seconds(length)
+        self.close()
+        if predicted is not None and predicted > self.options.prefill_cap_s:
+            return {"skipped": f"prefill predicted {predicted:.0f} s > prefill cap {self.options.prefill_cap_s:.0f} s"}
+        o = self.options
+        self.llm = self.Llama(model_path=self.gguf, n_ctx=length + o.warmup + o.decode_tokens + 8,
+                              n_threads=self.threads, n_threads_batch=self.threads, n_batch=512, verbose=False)
+        gen = torch.Generator().manual_seed(length)
+        prompt = torch.randint(0, self.llm.n_vocab(), (length,), generator=gen).tolist()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        seconds = time.perf_counter() - start
+        self.length, self.rate = length, length / seconds
+        log.info("llama.cpp context %d: prefill %.0f tokens/s", length, self.rate)
+        return {"prefill_tokens_per_s": self.rate, "prefill_seconds": seconds, "cache_fill": "real prefill"}
+
+    def steps(self, n: int) -> Iterator[None]:
+        """n one-token steps, each fed a random token (a step's cost does not depend on which token it is)."""
+        gen = torch.Generator().manual_seed(self.length + 1)
+        for token in torch.randint(0, self.llm.n_vocab(), (n,), generator=gen).tolist():
+            self.llm.eval([token])
+            yield
+
+    def cache_bytes(self) -> int | None:
+        return kv_bytes(self.llm.metadata, self.length) if self.llm is not None else None
+
+    def close(self) -> None:
+        self.llm = None  # llama-cpp-python frees its context when the object goes
+
+
+def open_llamacpp(gguf: str, options: BenchSettings, threads: int | None = None) -> tuple[LlamaCpp | None, str]:
+    """(the runner, "") or (None, why its rows are skipped): llama-cpp-python missing or the file not there."""
     if not Path(gguf).is_file():
-        return {"rows": [], "skipped": f"llama.cpp rows skipped: {gguf!r} is not a GGUF file"}
+        return None, f"llama.cpp rows skipped: {gguf!r} is not a GGUF file"
     Llama = _load_llama()
     if Llama is None:
-        return {"rows": [], "skipped": MISSING}
-    threads = threads or torch.get_num_threads()
-    rows, rate = [], None
-    for context in options.contexts:
-        if rate and context / rate > options.prefill_cap_s:
-            rows.append({"model": "llama.cpp", "context": context, "batch": 1, "decode_ms_per_token": None,
-                         "skipped": f"prefill predicted {context / rate:.0f} s > prefill cap {options.prefill_cap_s:.0f} s"})
-            continue
-        llm = Llama(model_path=str(gguf), n_ctx=context + options.warmup + options.decode_tokens + 8,
-                    n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
-        gen = torch.Generator().manual_seed(context)
-        vocab = llm.n_vocab()
-        prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
+        return None, MISSING
+    return LlamaCpp(Llama, gguf, options, threads or torch.get_num_threads()), ""
+
+
+def row(runner: LlamaCpp, context: int, prefill: dict, times: list[float] | None) -> dict:
+    """The llama.cpp row of `context` from its prefill fields and its timed steps (None: skipped)."""
+    if times is None:
+        return {"model": NAME, "context": context, "batch": 1, "decode_ms_per_token": None, **prefill}
+    ms = statistics.median(times) * 1e3
+    return {"model": NAME, "context": context, "batch": 1, "decode_ms_per_token": ms, "decode_tokens_per_s": 1e3 / ms,
+            "decode_steps": len(times), "decode_ms_min": min(times) * 1e3, "decode_ms_max": max(times) * 1e3,
+            **prefill, "cache_bytes": runner.cache_bytes()}
+
+
+def timed(steps: Iterator) -> list[float]:
+    """Wall seconds of each step of `steps`."""
+    times, done = [], object()
+    while True:
         start = time.perf_counter()
-        llm.eval(prompt)
-        prefill_s = time.perf_counter() - start
-        rate = context / prefill_s
-        times = []  # fed random tokens: a step's cost does not depend on which token it is
-        for token in torch.randint(0, vocab, (options.warmup + options.decode_tokens,), generator=gen).tolist():
-            start = time.perf_counter()
-            llm.eval([token])
-            times.append(time.perf_counter() - start)
-        ms = statistics.median(times[options.warmup:]) * 1e3
-        rows.append({"model": "llama.cpp", "context": context, "batch": 1, "decode_ms_per_token": ms,
-                     "decode_tokens_per_s": 1e3 / ms, "decode_steps": options.decode_tokens,
-                     "prefill_tokens_per_s": rate, "prefill_seconds": prefill_s,
-                     "cache_bytes": kv_bytes(llm.metadata, context)})
-        log.info("llama.cpp context %d: %.1f ms/token, prefill %.0f tokens/s", context, ms, rate)
-        del llm
-    return {"rows": rows, "threads": threads, "gguf": str(gguf),
-            "note": "llama.cpp through llama-cpp-python on the GGUF file as it is (its own quantization), batch 1, "
-                    "same threads; measured after the torch rows, not interleaved; cache_bytes: its f16 KV cache "
-                    "computed from the GGUF metadata"}
+        if next(steps, done) is done:
+            return times
+        times.append(time.perf_counter() - start)
+
+
+def llamacpp_rows(gguf: str, options: BenchSettings, threads: int | None = None) -> dict:
+    """llama.cpp alone (not interleaved with anything): {"rows": [...], "threads", "gguf", "note"}, or
+    {"rows": [], "skipped": why}."""
+    runner, skipped = open_llamacpp(gguf, options, threads)
+    if runner is None:
+        return {"rows": [], "skipped": skipped}
+    rows = []
+    for context in options.contexts:
+        prefill = runner.prefill(context)
+        times = None if "skipped" in prefill else timed(runner.steps(options.warmup + options.decode_tokens))
+        rows.append(row(runner, context, prefill, times and times[options.warmup:]))
+    runner.close()
+    return {"rows": rows, "threads": runner.threads, "gguf": str(gguf), "note": NOTE.split(";")[0]}

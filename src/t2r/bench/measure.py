@@ -33,7 +33,8 @@ from ..adapters import adapter_for, cache_bytes, original_model
 from ..budget import kv_cache_bytes, require_memory
 from ..decode import decode, iter_decode
 from ..generate import new_cache
-from .llamacpp import llamacpp_rows
+from . import llamacpp
+from .llamacpp import LlamaCpp, open_llamacpp
 from .report import ratios
 from .settings import BenchSettings
 from .variants import build_variants
@@ -150,8 +151,10 @@ def predict_seconds(history: list[tuple[int, float]], length: int) -> float | No
 
 
 def interleaved_decode(models: dict, caches: dict, *, batch: int, steps: int, warmup: int,
-                       device: torch.device, vocab: int, cap_s: float | None = None) -> tuple[dict, int]:
-    """Decode `warmup + steps` greedy tokens with each model from its cache, one step of each in turn.
+                       device: torch.device, vocab: int, cap_s: float | None = None,
+                       external: dict | None = None) -> tuple[dict, int]:
+    """Decode `warmup + steps` greedy tokens with each model from its cache, one step of each in turn; `external`
+    ({name: iterator}) adds other runtimes' steps to the turn (one `next` each: llama.cpp).
 
     With `cap_s`, the steps are cut (to no fewer than 8) when the first warm-up step says the row would take longer.
     Returns ({name: [wall seconds per timed step]}, {name: [process CPU seconds per timed step]}, steps timed)."""
@@ -159,7 +162,8 @@ def interleaved_decode(models: dict, caches: dict, *, batch: int, steps: int, wa
     start_ids = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
     loops = {n: iter_decode(models[n], start_ids, cache=caches[n], max_new_tokens=warmup + steps + 1)
              for n in models}
-    clock, times, cpu = Clock(device), {n: [] for n in models}, {n: [] for n in models}
+    loops.update(external or {})
+    clock, times, cpu = Clock(device), {n: [] for n in loops}, {n: [] for n in loops}
     total = warmup + steps
     for i in range(total):
         for name, loop in loops.items():
@@ -251,20 +255,27 @@ def _prepare_context(models: dict, sources: dict, history: dict, length: int, *,
     return caches, info
 
 
-def measure_rows(models: dict, options: BenchSettings, *, device: torch.device, vocab: int) -> list[dict]:
-    """One row per (model, context, batch); contexts ascending so each real prefill can seed the next ones."""
+def measure_rows(models: dict, options: BenchSettings, *, device: torch.device, vocab: int,
+                 llama: LlamaCpp | None = None) -> list[dict]:
+    """One row per (model, context, batch); contexts ascending so each real prefill can seed the next ones. With
+    `llama`, a llama.cpp row per context too, its steps in turn with the batch-1 steps of the models."""
     sources, history, rows = {n: None for n in models}, {n: [] for n in models}, []
     for length in options.contexts:
         caches, info = _prepare_context(models, sources, history, length, device=device, vocab=vocab,
                                         cap_s=options.prefill_cap_s, chunk=options.prefill_chunk or None)
         log.info("context %d: prefill %s", length, {n: i["prefill_seconds"] for n, i in info.items()})
+        llama_prefill = llama.prefill(length) if llama else {"skipped": ""}
         for batch in options.batch:
+            external = {} if batch != 1 or "skipped" in llama_prefill else {
+                llamacpp.NAME: llama.steps(options.warmup + options.decode_tokens + 1)}
             row_caches = {n: copy_cache(caches[n], batch) for n in models}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times, cpu, steps = interleaved_decode(models, row_caches, batch=batch, steps=options.decode_tokens,
                                                    warmup=options.warmup, device=device, vocab=vocab,
-                                                   cap_s=options.decode_cap_s)
+                                                   cap_s=options.decode_cap_s, external=external)
+            if llama and batch == 1:
+                rows.append(llamacpp.row(llama, length, llama_prefill, times.get(llamacpp.NAME)))
             for name in models:
                 ms = statistics.median(times[name]) * 1e3
                 row = {"model": name, "context": length, "batch": batch, "decode_ms_per_token": ms,
@@ -284,13 +295,14 @@ def measure_rows(models: dict, options: BenchSettings, *, device: torch.device, 
     return rows
 
 
-def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: str | torch.device = "cpu") -> dict:
+def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: str | torch.device = "cpu",
+              tokenizer=None) -> dict:
     """Measure `converted` against `original_model(converted)` as `options` say; returns the JSON-able result (see
-    the module doc)."""
+    the module doc). `tokenizer` encodes int8's calibration text (`t2r.quantize`)."""
     device = torch.device(device)
     converted = own_weights(converted.to(device).eval())
     models = {"original": original_model(converted).eval(), "converted": converted}
-    variants, variant_notes = build_variants(converted, options)
+    variants, variant_notes = build_variants(converted, options, tokenizer=tokenizer)
     vocab = converted.config.get_text_config(decoder=True).vocab_size
     param = next(converted.parameters())
     context, batch = max(options.contexts), max(options.batch)
@@ -310,9 +322,17 @@ def run_bench(converted, options: BenchSettings = BenchSettings(), *, device: st
         log.info("HF generate vs the lean decode loop at context %d", options.contexts[0])
         result["generate_loop"] = generate_overhead(dict(models), context=options.contexts[0],
                                                     tokens=options.generate_tokens, device=device, vocab=vocab)
-    result["rows"] = measure_rows({**models, **variants}, options, device=device, vocab=vocab)
+    llama, skipped = open_llamacpp(options.llamacpp, options) if options.llamacpp else (None, "")
+    if llama and 1 not in options.batch:
+        llama, skipped = None, "llama.cpp rows skipped: they are batch 1, and --batch does not include 1"
+    rows = measure_rows({**models, **variants}, options, device=device, vocab=vocab, llama=llama)
+    result["rows"] = [r for r in rows if r["model"] != llamacpp.NAME]
+    if llama:
+        llama.close()
     if options.llamacpp:
-        result["llamacpp"] = llamacpp_rows(options.llamacpp, options)
+        result["llamacpp"] = ({"rows": [r for r in rows if r["model"] == llamacpp.NAME], "threads": llama.threads,
+                               "gguf": options.llamacpp, "note": llamacpp.NOTE} if llama else
+                              {"rows": [], "skipped": skipped})
     result["ratios"] = ratios(result["rows"])
     if options.train_steps > 0:
         log.info("training step throughput at seq %d", options.train_seq)

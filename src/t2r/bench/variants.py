@@ -15,15 +15,18 @@ from .settings import BenchSettings
 log = logging.getLogger(__name__)
 
 
-def build_variants(converted, options: BenchSettings) -> tuple[dict, list[str]]:
-    """({name: model} of the variants `options` ask for, notes on what was built and what fell back)."""
+def build_variants(converted, options: BenchSettings, tokenizer=None) -> tuple[dict, list[str]]:
+    """({name: model} of the variants `options` ask for, notes on what was built and what fell back); `tokenizer`
+    encodes int8's calibration text."""
     variants, notes = {}, []
     for mode in [check_quantize(m.strip()) for m in options.quantize.split(",") if m.strip() != "none"]:
         log.info("bench: building the %s converted model", mode)
         name = f"converted-{mode}"
-        variants[name] = quantize(copy.deepcopy(converted), mode)
+        variants[name] = quantize(copy.deepcopy(converted), mode, tokenizer=tokenizer)
+        kind = ("int8 linear (per-token activation scales, outlier channels float32)" if mode == "int8" else
+                "PyTorch's dynamically quantized fp16 linear")
         notes.append(f"{name}: the converted model with every pretrained nn.Linear (projections, MLP, LM head) as "
-                     f"PyTorch's dynamically quantized {mode} linear (t2r.quantize); feature maps and state float32")
+                     f"t2r.quantize's {kind}; feature maps and state float32")
     if options.compile:  # dynamo cannot trace the quantized linears (a graph break per layer): float32 only
         for name, model in {"converted": converted}.items():
             log.info("bench: compiling the decode step of %s", name)

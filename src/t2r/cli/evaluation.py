@@ -298,7 +298,7 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
 
     from ..bench import plot_bench, run_bench
     from ..io import write_json
-    from ..persistence import load
+    from ..persistence import load, load_tokenizer
 
     if threads is not None and threads < 1:
         raise T2RError(f"--threads must be >= 1, got {threads}")
@@ -311,7 +311,8 @@ def bench_command(model: str, *, options: BenchSettings = BenchSettings(), plot:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        result = run_bench(converted, options, device=device)
+        tokenizer = load_tokenizer(model) if "int8" in options.quantize else None  # int8's calibration text
+        result = run_bench(converted, options, device=device, tokenizer=tokenizer)
     finally:
         torch.set_num_threads(previous)
     result["model"] = str(model)
