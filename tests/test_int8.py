@@ -13,7 +13,7 @@ from torch import nn
 import t2r
 from conftest import tiny_model
 from t2r.calibration import CALIBRATION_TEXT, calibration_ids
-from t2r.int8 import OUTLIER_THRESHOLD, Int8Linear, find_outliers
+from t2r.int8 import OUTLIER_THRESHOLD, Int8Linear, find_outliers, full_range_activations
 from t2r.quantize import pretrained_linear_names, quantize
 
 
@@ -24,10 +24,9 @@ def _linear(n_in=64, n_out=48, bias=True, seed=0):
 
 def _slow_twin(module: Int8Linear, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Written out step by step: the module's own int8 weights, dequantized; the non-outlier channels of each token
-    divided by that token's largest magnitude (when a call has several tokens), then all rounded on one 128-level grid
-    between their min and max by PyTorch's own quantizer (fbgemm's dynamic int8 linear quantizes a call's activations
-    to 7 bits, `reduce_range=True`), multiplied by the weights in float and by the token's magnitude again; outlier
-    channels and bias exact."""
+    divided by that token's largest magnitude (when a call has several tokens), then all rounded on one grid
+    between their min and max by PyTorch's own quantizer (7 bits, or 8 where the CPU has VNNI), multiplied by the
+    weights in float and by the token's magnitude again; outlier channels and bias exact."""
     outliers = module.outliers
     wq = module.int8.weight().dequantize()  # (out, in), outlier columns zero
     rows = x.reshape(-1, x.shape[-1]).clone()  # (N, in)
@@ -35,7 +34,7 @@ def _slow_twin(module: Int8Linear, linear: nn.Linear, x: torch.Tensor) -> torch.
     rows[:, outliers] = 0
     scale = rows.abs().amax(1, keepdim=True) if rows.shape[0] > 1 else torch.ones(1, 1)  # (N, 1)
     rows = rows / scale
-    rows = torch.quantize_per_tensor_dynamic(rows, torch.quint8, True).dequantize()  # one 7-bit grid for the call
+    rows = torch.quantize_per_tensor_dynamic(rows, torch.quint8, module.reduce_range).dequantize()  # one grid a call
     y = (rows @ wq.T) * scale + kept @ linear.weight.detach()[:, outliers].T
     if linear.bias is not None:
         y = y + linear.bias.detach()
@@ -66,7 +65,7 @@ def test_per_token_scales_keep_a_small_token_next_to_a_large_one():
     exact = linear(x)[0, 1]
     err_batch = (module(x)[0, 1] - exact).abs().max()
     err_alone = (module(x[:, 1:])[0, 0] - exact).abs().max()
-    err_shared_grid = (module.int8(x)[0, 1] - exact).abs().max()
+    err_shared_grid = (module._int8(x)[0, 1] - exact).abs().max()
     assert err_batch < 3 * err_alone
     assert err_shared_grid > 10 * err_batch
 
@@ -132,3 +131,16 @@ def test_calibration_text_through_a_tokenizer_and_the_fallback(tokenizer, caplog
     assert "without calibration tokens" in caplog.text
     assert all(m.outliers.numel() == 0 for m in q.modules() if isinstance(m, Int8Linear))
     assert OUTLIER_THRESHOLD == 6.0  # LLM.int8()'s; RESULTS' figures were measured with it
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_both_activation_ranges_match_the_twin(reduce_range, monkeypatch):
+    """7-bit activations (any x86 CPU) and 8-bit ones (CPUs with VNNI) both follow the twin."""
+    if not reduce_range and not full_range_activations():
+        pytest.skip("8-bit activations are only used on CPUs with VNNI (others can saturate): not this one")
+    linear = _linear()
+    module = Int8Linear(linear, torch.tensor([1]))
+    module.reduce_range = reduce_range
+    x = torch.randn(3, 5, 64)
+    got, ref = module(x), _slow_twin(module, linear, x)
+    assert (got - ref).abs().max() < 1e-3 * (ref - linear(x)).abs().max() + 1e-5

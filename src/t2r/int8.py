@@ -1,7 +1,7 @@
 """int8 linear layers that keep a model's perplexity: int8 weights (per output channel) through PyTorch's int8 GEMM,
 plus the two things that make its 8-bit activations safe on a language model.
 
-1. **Per-token activation scale.** PyTorch's dynamically quantized linear picks one activation scale per call: over a
+1. **Per-token activation scale** (and 8-bit activations where the CPU has VNNI: `full_range_activations`). PyTorch's dynamically quantized linear picks one activation scale per call: over a
    whole block of tokens in a prefill or an evaluation, so one large token coarsens every other token's grid. Each row
    is divided by its own largest magnitude before the int8 product and the output multiplied back (the product is
    linear in the row, so this is exact up to rounding). At decode a call has one token and one scale already, so the
@@ -18,12 +18,27 @@ dynamic int8 linear and by about 2% with both, at about 0.05x of the float32 ste
 
 from __future__ import annotations
 
+import functools
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s threshold on an input channel's largest |activation|
+
+
+@functools.cache
+def full_range_activations() -> bool:
+    """Whether activations may use all 8 bits. PyTorch's dynamic linear keeps them to 7 (`reduce_range`) because
+    x86's plain AVX2 int8 multiply-add sums pairs into 16 bits and can saturate; CPUs with VNNI (AVX512-VNNI or
+    AVX-VNNI) sum into 32 bits, and there the 8th bit cuts the activations' rounding error in half (a 3.4x smaller
+    mean squared error on SmolLM2's shapes). Read from /proc/cpuinfo; anywhere else, 7 bits."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def _int8_linear(weight: Tensor) -> nn.Module:
@@ -51,6 +66,11 @@ class Int8Linear(nn.Module):
         weight[:, outliers] = 0
         self.int8 = _int8_linear(weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.reduce_range = not full_range_activations()
+
+    def _int8(self, x: Tensor) -> Tensor:
+        # the module's own forward always reduces the range; the op it calls takes the choice
+        return torch.ops.quantized.linear_dynamic(x, self.int8._packed_params._packed_params, self.reduce_range)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in)
         split = self.outliers.numel() > 0
@@ -59,9 +79,9 @@ class Int8Linear(nn.Module):
             x = x.index_fill(-1, self.outliers, 0.0)
         if x.numel() > x.shape[-1]:  # several tokens: one activation scale per token
             scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (..., 1)
-            y = self.int8(x / scale) * scale
+            y = self._int8(x / scale) * scale
         else:
-            y = self.int8(x)
+            y = self._int8(x)
         if split:
             y = y + kept @ self.outlier_weight.T
         return y if self.bias is None else y + self.bias

@@ -62,8 +62,9 @@ class LlamaCpp:
         Returns the row's prefill fields (`skipped` set when skipped)."""
         predicted = self.predicted_seconds(length)
         self.close()
-        if predicted is not None and predicted > self.options.prefill_cap_s:
-            return {"skipped": f"prefill predicted {predicted:.0f} s > prefill cap {self.options.prefill_cap_s:.0f} s"}
+        cap = self.options.llamacpp_prefill_cap_s
+        if predicted is not None and predicted > cap:
+            return {"skipped": f"prefill predicted {predicted:.0f} s > --llamacpp-prefill-cap-s {cap:.0f}"}
         o = self.options
         self.llm = self.Llama(model_path=self.gguf, n_ctx=length + o.warmup + o.decode_tokens + 8,
                               n_threads=self.threads, n_threads_batch=self.threads, n_batch=512, verbose=False)

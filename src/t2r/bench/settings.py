@@ -69,6 +69,9 @@ class BenchSettings(Settings):
     llamacpp: str = Field("", description="a GGUF file: add llama.cpp's decode of it (llama-cpp-python, the "
                                           "optional extra t2r[llamacpp]) as reference rows; skipped with a note "
                                           "when the package is not installed.")
+    llamacpp_prefill_cap_s: float = Field(1800.0, ge=0, description="llama.cpp cannot be handed a longer cache: a "
+                                                                    "context whose prefill is predicted to take "
+                                                                    "longer than this is left out of its rows.")
 
     @model_validator(mode="after")
     def _sorted(self) -> BenchSettings:
