@@ -158,6 +158,21 @@ def test_quiet_also_quiets_transformers_bars(tmp_path, tiny_model_dir):
     assert quiet.stdout.startswith("converted ")
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_also_quiets_plain_tqdm_bars(tmp_path, quiet):
+    """transformers draws the GGUF de-quantizing bar with tqdm itself (not with its own switchable bars): -q turns
+    tqdm off through its environment default, read when tqdm is imported, which happens after the flag is seen."""
+    code = ("import sys, t2r.cli\n"
+            f"t2r.cli.main({['-q'] if quiet else []} + ['convert', 'none.gguf', '--out', 'o'])\n"
+            "from tqdm.auto import tqdm\n"
+            "list(tqdm(range(3), desc='a bar'))\n")
+    env = {"PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         check=False)
+    assert run.returncode == 0 and "does not exist" in run.stderr
+    assert ("a bar" in run.stderr) is not quiet
+
+
 def test_training_labels_each_phase_and_plots_its_loss(tmp_path, capsys, tiny_converted_dir):
     """The progress bar says when it is evaluating (before, during, after training) and when it is training."""
     from t2r.cli.training import distill_command

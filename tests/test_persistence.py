@@ -369,3 +369,14 @@ def test_source_file_that_is_not_gguf(tmp_path):
 def test_source_dir_without_config(tmp_path):
     with pytest.raises(ModelSourceError, match="without config.json"):
         resolve(str(tmp_path))
+
+
+def test_source_missing_path_under_a_local_directory_is_not_a_hub_id(tmp_path, monkeypatch):
+    """`runs/smol-typo` where runs/ exists here is a mistyped path, refused at once (it used to go to the hub, where
+    an online machine retried for about 25 s before failing)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelSourceError, match="'runs' is a directory here, so it is not read as a hub id"):
+        resolve("runs/smol-typo")
+    assert resolve("some-org/some-model").kind == "hub"  # no such local directory: still a hub id

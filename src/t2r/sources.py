@@ -85,6 +85,10 @@ def resolve(spec: str | None) -> ModelSource:
         raise ModelSourceError(f"{spec!r} is a file but not a .gguf file; give a GGUF file, a model directory or a hub id")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # hub ids are "name" or "org/name"
         raise ModelSourceError(f"no such model directory or file: {spec!r}")
+    if "/" in spec and Path(spec.split("/")[0]).is_dir():  # "runs/rnn-typo": a local path, not an organisation
+        raise ModelSourceError(f"no such model directory or file: {spec!r} (its first part {spec.split('/')[0]!r} "
+                               "is a directory here, so it is not read as a hub id; for a hub model of that "
+                               "name, run from another directory)")
     return ModelSource("hub", spec)
 
 

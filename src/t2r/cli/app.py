@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet:  # transformers' bars too (loading, saving): read when it is imported, after this
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the bars transformers draws with tqdm itself (GGUF loading)
     fn = args._fn
     try:
         if hasattr(fn, "check_first"):  # what can be refused from the raw arguments alone, before settings import torch
