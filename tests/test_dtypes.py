@@ -124,3 +124,13 @@ def test_verify_says_when_a_dtype_is_too_coarse_for_the_model():
     text = render("verify", report)
     assert "bfloat16 is too coarse for it; use float32" in text
     assert "tolerance 4.4 = 2 x the bfloat16 rounding error 2.2 of this model" in text.splitlines()[-1]
+
+
+def test_recall_in_bfloat16(capsys, tiny_converted_dir):
+    code, stdout, err = run_cli(capsys, "recall", tiny_converted_dir, "--lengths", "256", "--depths", "0.5",
+                                "--samples", 2, "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["dtype"] == "bfloat16" and r["student"]["cells"] and r["teacher"]["cells"]
+    code, stdout, err = run_cli(capsys, "recall", tiny_converted_dir, "--dtype", "float8")
+    assert code == 2 and "float32, bfloat16, float16" in err

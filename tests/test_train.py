@@ -321,3 +321,22 @@ def test_two_runs_never_share_a_directory(tmp_path, tokenizer):
         lock.release()
     finetune_model(student(tokenizer), blocks(), tmp_path / "busy", config(steps=1), tokenizer=tokenizer)
     assert not (tmp_path / ".busy.lock").exists()
+
+
+def test_mixed_precision_is_refused_on_a_cpu_before_any_model_loads(capsys, tmp_path):
+    """bf16 / fp16 autocast is for GPUs: on this CPU-only machine the flag is refused from the settings alone, in one
+    line that says why; its default is left out of a stage's record (earlier pipeline runs still match)."""
+    import t2r.cli
+    from t2r.train.settings import DistillSettings, FinetuneSettings
+
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        pytest.skip("a GPU is present: mixed precision is allowed here")
+    code = t2r.cli.main(["finetune", str(tmp_path / "no-model"), "--data", "x.txt", "--out", str(tmp_path / "o"),
+                         "--mixed-precision", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pays on a GPU" in err and "6-20x slower" in err and len(err.strip().splitlines()) == 1
+    code = t2r.cli.main(["distill", str(tmp_path / "no-model"), "--mixed-precision", "int4"])
+    assert code == 2 and "is one of no, bf16, fp16" in capsys.readouterr().err
+    assert "mixed_precision" not in FinetuneSettings().model_dump()
+    assert "mixed_precision" not in DistillSettings().model_dump() and "kd_top_k" not in FinetuneSettings().model_dump()
+    assert DistillSettings().train_config().mixed_precision == "no"

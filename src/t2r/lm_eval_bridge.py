@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from .adapters import original_model
@@ -100,9 +101,10 @@ def _is_converted(model: str) -> bool:
     return Path(model).is_dir() and is_t2r_dir(Path(model))
 
 
-def make_lm(model: str, original: bool, context: int, batch_size: int, device: str):
-    """(lm-eval model name or LM object, model_args, tokenizer, which) for `simple_evaluate`."""
-    args = {"max_length": context, "dtype": "float32", "backend": "causal"}  # device: simple_evaluate's own
+def make_lm(model: str, original: bool, context: int, batch_size: int, device: str, dtype: str = "float32"):
+    """(lm-eval model name or LM object, model_args, tokenizer, which) for `simple_evaluate`; `dtype` names the
+    weights' dtype (a converted model's recurrent state stays float32 whatever it is)."""
+    args = {"max_length": context, "dtype": dtype, "backend": "causal"}  # device: simple_evaluate's own
     if Path(model).is_dir():  # lm-eval loads it itself: refuse pickles and damaged files first
         check_weight_files(model)
     if not original and Path(model).is_dir():  # the ordinary path: lm-eval loads the directory itself
@@ -117,10 +119,11 @@ def make_lm(model: str, original: bool, context: int, batch_size: int, device: s
             raise T2RError(f"--original rebuilds the softmax model of a converted one; {model!r} is not a converted "
                            "model directory (evaluate a plain model without --original)")
 
-        hf_model, tokenizer, which = original_model(load(model)), load_tokenizer(model), "original"
+        hf_model, tokenizer, which = original_model(load(model, dtype=getattr(torch, dtype))), \
+            load_tokenizer(model), "original"
     else:  # a GGUF file or hub id: load it the way t2r does (dequantized), hand lm-eval the instance
 
-        hf_model, tokenizer, _ = load_model(model)
+        hf_model, tokenizer, _ = load_model(model, dtype=getattr(torch, dtype))
         which = "plain"
     hf_model = hf_model.to(device)
     lm = HFLM(pretrained=hf_model, tokenizer=tokenizer, max_length=context, batch_size=batch_size,

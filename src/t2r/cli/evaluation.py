@@ -210,7 +210,8 @@ def _finish(result: dict, options: EvalOptions, start: float) -> dict:
 
 def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, original: bool = False,
                     context: int = 512, limit: int | None = None, batch_size: int = 1,
-                    austen_blocks: int = AUSTEN_BLOCKS, device: str = "cpu", as_json: bool = False) -> dict:
+                    austen_blocks: int = AUSTEN_BLOCKS, device: str = "cpu", dtype: str = "float32",
+                    as_json: bool = False) -> dict:
     """Run lm-evaluation-harness on a model, with t2r imported and its local tasks available.
 
     Args:
@@ -223,8 +224,10 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
         batch_size: windows per forward pass.
         austen_blocks: held-out Austen blocks of 512 tokens in the default text.
         device: cpu, cuda, cuda:0, ...
+        dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
         as_json: print the result as JSON.
     """
+    torch_dtype(dtype)  # an unknown name stops here, before lm-eval is imported
     from ..lm_eval_bridge import austen_heldout_file, make_lm, require_lm_eval, task_metrics
     from ..tasks import TASKS_DIR
 
@@ -242,7 +245,7 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
     check_device(device)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     start = time.perf_counter()
-    lm, model_args, tokenizer, which = make_lm(model, original, context, batch_size, device)
+    lm, model_args, tokenizer, which = make_lm(model, original, context, batch_size, device, dtype)
     if TEXT_TASK in task_list and text is None:
         text = str(austen_heldout_file(tokenizer, blocks=austen_blocks))
     if text is not None and not Path(text).exists():
@@ -260,7 +263,7 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
                               bootstrap_iters=0)
     if results is None:  # a non-zero rank in a distributed run
         return {}
-    return {"model": model, "which": which, "tasks": task_list, "text": text, "context": context,
+    return {"model": model, "which": which, "dtype": dtype, "tasks": task_list, "text": text, "context": context,
             "limit": limit, "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
             "results": task_metrics(results["results"]), "seconds": round(time.perf_counter() - start, 2)}
 

@@ -18,7 +18,7 @@ CELL_KEYS = {"passkey": ("length", "depth"), "mqar": ("pairs",)}
 
 def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4k", depths: str = "0,0.25,0.5,0.75,1",
            pairs: str = "8,32,128", samples: int = 20, teacher: bool = True, plot: str | None = None, seed: int = 0,
-           as_json: bool = False) -> dict:
+           dtype: str = "float32", as_json: bool = False) -> dict:
     """Synthetic recall of a converted model beside its original: passkey retrieval or multi-query associative recall.
 
     The samples are generated from the seed with the model's tokenizer (no download). Each query is scored by
@@ -35,6 +35,7 @@ def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4
         teacher: also run the original softmax model rebuilt from the converted model's weights.
         plot: write a PNG (passkey: length x depth heat maps side by side; mqar: accuracy vs pairs); needs matplotlib.
         seed: seed of the generated samples.
+        dtype: weights in float32, bfloat16 or float16 (both models; the recurrent state stays float32).
         as_json: print the result as JSON.
     """
     import torch
@@ -47,9 +48,9 @@ def recall_command(model: str, *, task: str = "passkey", lengths: str = "1k,2k,4
         raise T2RError(f"no such model directory or file: {model!r}")
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student, load_teacher, tokenizer = load_with_teacher(model)
+    student, load_teacher, tokenizer = load_with_teacher(model, dtype=dtype)
     result = {"model": model, "task": task, "which": "converted" if student is not None else "plain",
-              "device": str(device), "chance": 1.0 / (settings.distractors + 1), "settings": settings.to_dict()}
+              "device": str(device), "dtype": dtype, "chance": 1.0 / (settings.distractors + 1), "settings": settings.to_dict()}
     if student is not None:
         log.info("recall (%s) of the converted model", task)
         result["student"] = run_recall(student.to(device), tokenizer, settings)

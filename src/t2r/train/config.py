@@ -39,6 +39,18 @@ def parse_tokens(spec: str | int) -> int:
     return value
 
 
+def check_mixed_precision(mode: str) -> None:
+    """Refuse mixed precision where there is no GPU (torch is imported here: it is called once settings are read)."""
+    if mode == "no":
+        return
+    import torch
+
+    if not (hasattr(torch, "accelerator") and torch.accelerator.is_available()):
+        raise TrainError(f"--mixed-precision {mode} pays on a GPU, and there is none here: on a CPU bfloat16 "
+                         "matmuls run 6-20x slower than float32 (and float16 has no fast CPU kernels): leave it out "
+                         "to train in float32")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings of one run. `steps` (optimizer steps) wins over `tokens` when set; a token budget is
@@ -59,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     progress: bool = True
+    mixed_precision: str = "no"  # no, bf16 or fp16 (accelerate's autocast; GPU only)
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,

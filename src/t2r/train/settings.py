@@ -6,14 +6,15 @@ trainer's `TrainConfig`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, field_validator, model_serializer, model_validator
 
 from ..settings import Settings
 from ..errors import TrainError
-from .config import TrainConfig, parse_tokens
+from .config import TrainConfig, check_mixed_precision, parse_tokens
 
+MIXED_PRECISION = ("no", "bf16", "fp16")
 DEFAULT_LR = {"lora": 2e-4, "full": 3e-5}  # finetuning's peak learning rate when none is given
 
 
@@ -46,6 +47,32 @@ class TrainSettings(Settings):
     checkpoint_every: int = Field(100, ge=0, description="write a checkpoint every this many steps (0: only on "
                                                          "Ctrl-C).")
     seed: int = Field(0, description="seed of the data order and of the RNG.")
+    mixed_precision: str = Field("no", description="no, bf16 or fp16: run forward and backward under autocast on a "
+                                                   "GPU (weights and optimizer state stay float32). Refused on a "
+                                                   "CPU, where bfloat16 matmuls are 6-20x slower than float32.")
+
+    # settings added after pipeline runs were recorded: left out of a dump while they keep the old behaviour, so the
+    # stage records of earlier runs still equal the recipe's
+    UNRECORDED_AT: ClassVar[dict] = {"mixed_precision": "no"}
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value not in MIXED_PRECISION:
+            raise ValueError(f"is one of {', '.join(MIXED_PRECISION)}, got {value!r}")
+        try:
+            check_mixed_precision(value)  # before a model is loaded
+        except TrainError as err:
+            raise ValueError(str(err).removeprefix(f"--mixed-precision {value} ")) from None
+        return value
+
+    @model_serializer(mode="wrap")
+    def _old_defaults_unrecorded(self, handler) -> dict:
+        data = handler(self)
+        for key, old in self.UNRECORDED_AT.items():
+            if data.get(key, old) == old:
+                data.pop(key, None)
+        return data
 
     def train_config(self, progress: bool = True) -> TrainConfig:
         """The trainer's config: `steps` when set, else the token budget."""
@@ -53,7 +80,8 @@ class TrainSettings(Settings):
         return TrainConfig(lr=self.lr, **budget, batch_size=self.batch_size, grad_accum=self.grad_accum,
                            warmup=self.warmup, min_lr=self.min_lr, weight_decay=self.weight_decay,
                            max_grad_norm=self.max_grad_norm, eval_every=self.eval_every, eval_blocks=self.eval_blocks,
-                           checkpoint_every=self.checkpoint_every, seed=self.seed, progress=progress)
+                           checkpoint_every=self.checkpoint_every, seed=self.seed, progress=progress,
+                           mixed_precision=self.mixed_precision)
 
 
 class DistillSettings(TrainSettings):
@@ -71,6 +99,9 @@ class DistillSettings(TrainSettings):
 
 class FinetuneSettings(TrainSettings):
     """Stage 2, finetuning (`t2r finetune`, a recipe's `finetune:` and `teacher_finetune:`)."""
+
+    # kd_top_k 0 is the live teacher, as before the setting existed
+    UNRECORDED_AT: ClassVar[dict] = {**TrainSettings.UNRECORDED_AT, "kd_top_k": 0}
 
     lr: float | None = Field(None, gt=0, description="peak learning rate of AdamW (default: 2e-4 with LoRA, 3e-5 "
                                                      "for full finetuning).")
@@ -114,12 +145,3 @@ class FinetuneSettings(TrainSettings):
         if self.teacher_cache is not None and not self.kd_top_k:
             raise ValueError("teacher_cache is the folder of the cached teacher: set kd_top_k too (e.g. 64)")
         return self
-
-    @model_serializer(mode="wrap")
-    def _live_teacher_unrecorded(self, handler) -> dict:
-        """kd_top_k 0 (the live teacher, as before the setting existed) is left out of dumps, so the stage records of
-        earlier pipeline runs still equal the recipe's."""
-        data = handler(self)
-        if not self.kd_top_k:
-            data.pop("kd_top_k", None)
-        return data

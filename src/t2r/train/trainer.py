@@ -49,7 +49,7 @@ from .checkpoint import (
     set_rng,
     truncate_metrics,
 )
-from .config import BlockStream, TrainConfig, lr_factor
+from .config import BlockStream, TrainConfig, check_mixed_precision, lr_factor
 from .plot import plot_metrics
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,15 @@ class Task:
         raise NotImplementedError
 
 
-def make_accelerator():
+def make_accelerator(mixed_precision: str = "no"):
     """An `Accelerator`; on a machine without GPUs it is told so, so that several CPU processes (torchrun) form a
-    gloo DDP group instead of each training alone."""
+    gloo DDP group instead of each training alone. `mixed_precision` (bf16, fp16) needs a GPU."""
     has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+    check_mixed_precision(mixed_precision)
     if not has_device and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")
                               for k in ("FSDP", "DEEPSPEED")):
         log.warning("no GPU here: accelerate runs this FSDP / DeepSpeed configuration as plain DDP on the CPUs")
-    accelerator = Accelerator(cpu=not has_device)
+    accelerator = Accelerator(cpu=not has_device, mixed_precision=mixed_precision)
     check_distributed(accelerator)
     return accelerator
 
@@ -146,7 +147,7 @@ class Trainer:
 
     def __init__(self, task: Task, blocks, config: TrainConfig, out: str | Path, *, settings: dict,
                  resume: bool = False, overwrite: bool = False) -> None:
-        self.accelerator = acc = make_accelerator()
+        self.accelerator = acc = make_accelerator(config.mixed_precision)
         self.task, self.config, self.out = task, config, Path(out)
         self.train_blocks, self.heldout = blocks.train, blocks.heldout
         if self.train_blocks.dim() != 2 or self.train_blocks.shape[0] == 0:
