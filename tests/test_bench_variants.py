@@ -120,7 +120,8 @@ def test_llamacpp_steps_alternate_with_the_torch_models(rnn_dir, gguf, monkeypat
                       threads=1)
     rows = r["llamacpp"]["rows"]
     assert [row["context"] for row in rows] == [8, 16] and "alternate" in r["llamacpp"]["note"]
-    assert all(row["decode_steps"] == 3 and row["cache_bytes"] == kv_bytes(FakeLlama.metadata, row["context"])
+    assert all(row["decode_steps"] == 3 and row["decode_cpu_ms_per_token"] >= 0
+               and row["cache_bytes"] == kv_bytes(FakeLlama.metadata, row["context"])
                for row in rows)
     first = events.index("init 20")  # context 8 + warm-up 1 + 3 steps + 8
     turn = events[first + 2:first + 2 + 3 * 4]  # prefill, then each step: original, converted, llama.cpp

@@ -101,24 +101,29 @@ def open_llamacpp(gguf: str, options: BenchSettings, threads: int | None = None)
     return LlamaCpp(Llama, gguf, options, threads or torch.get_num_threads()), ""
 
 
-def row(runner: LlamaCpp, context: int, prefill: dict, times: list[float] | None) -> dict:
-    """The llama.cpp row of `context` from its prefill fields and its timed steps (None: skipped)."""
+def row(runner: LlamaCpp, context: int, prefill: dict, times: list[float] | None,
+        cpu: list[float] | None = None) -> dict:
+    """The llama.cpp row of `context` from its prefill fields and its timed steps (None: skipped), wall and (where
+    measured) process CPU seconds."""
     if times is None:
         return {"model": NAME, "context": context, "batch": 1, "decode_ms_per_token": None, **prefill}
     ms = statistics.median(times) * 1e3
-    return {"model": NAME, "context": context, "batch": 1, "decode_ms_per_token": ms, "decode_tokens_per_s": 1e3 / ms,
-            "decode_steps": len(times), "decode_ms_min": min(times) * 1e3, "decode_ms_max": max(times) * 1e3,
-            **prefill, "cache_bytes": runner.cache_bytes()}
+    out = {"model": NAME, "context": context, "batch": 1, "decode_ms_per_token": ms, "decode_tokens_per_s": 1e3 / ms,
+           "decode_steps": len(times), "decode_ms_min": min(times) * 1e3, "decode_ms_max": max(times) * 1e3}
+    if cpu:
+        out["decode_cpu_ms_per_token"] = statistics.median(cpu) * 1e3
+    return {**out, **prefill, "cache_bytes": runner.cache_bytes()}
 
 
-def timed(steps: Iterator) -> list[float]:
-    """Wall seconds of each step of `steps`."""
-    times, done = [], object()
+def timed(steps: Iterator) -> tuple[list[float], list[float]]:
+    """Wall and process CPU seconds of each step of `steps`."""
+    times, cpu, done = [], [], object()
     while True:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if next(steps, done) is done:
-            return times
+            return times, cpu
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
 
 
 def llamacpp_rows(gguf: str, options: BenchSettings, threads: int | None = None) -> dict:
@@ -130,7 +135,10 @@ def llamacpp_rows(gguf: str, options: BenchSettings, threads: int | None = None)
     rows = []
     for context in options.contexts:
         prefill = runner.prefill(context)
-        times = None if "skipped" in prefill else timed(runner.steps(options.warmup + options.decode_tokens))
-        rows.append(row(runner, context, prefill, times and times[options.warmup:]))
+        if "skipped" in prefill:
+            rows.append(row(runner, context, prefill, None))
+            continue
+        times, cpu = timed(runner.steps(options.warmup + options.decode_tokens))
+        rows.append(row(runner, context, prefill, times[options.warmup:], cpu[options.warmup:]))
     runner.close()
     return {"rows": rows, "threads": runner.threads, "gguf": str(gguf), "note": NOTE.split(";")[0]}

@@ -275,7 +275,7 @@ def measure_rows(models: dict, options: BenchSettings, *, device: torch.device, 
                                                    warmup=options.warmup, device=device, vocab=vocab,
                                                    cap_s=options.decode_cap_s, external=external)
             if llama and batch == 1:
-                rows.append(llamacpp.row(llama, length, llama_prefill, times.get(llamacpp.NAME)))
+                rows.append(llamacpp.row(llama, length, llama_prefill, times.get(llamacpp.NAME), cpu.get(llamacpp.NAME)))
             for name in models:
                 ms = statistics.median(times[name]) * 1e3
                 row = {"model": name, "context": length, "batch": batch, "decode_ms_per_token": ms,
