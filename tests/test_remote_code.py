@@ -251,3 +251,54 @@ def test_convert_writes_code_only_with_remote_code(tmp_path, tiny_model_dir, cap
     config = json.loads((out / "config.json").read_text())
     assert (out / f"{ENTRY}.py").is_file() is bool(flags)
     assert ("auto_map" in config) is bool(flags)
+
+
+def test_distill_and_finetune_write_the_final_model_s_code(tmp_path, tiny_converted_dir, capsys):
+    """`t2r distill --remote-code` (likewise finetune) leaves the run directory loadable without t2r."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 30)
+    runs = {}
+    for command, model in (("distill", tiny_converted_dir), ("finetune", tmp_path / "distill")):
+        runs[command] = tmp_path / command
+        code = t2r.cli.main(["-q", command, str(model), "--data", str(text), "--block-size", "64", "--tokens", "128",
+                             "--eval-blocks", "1", "--no-progress", "--out", str(runs[command]), "--remote-code"])
+        assert code == 0, capsys.readouterr().err
+        assert (runs[command] / f"{ENTRY}.py").is_file(), command
+    model = t2r.load(runs["finetune"])
+    reference(model, tmp_path / "ref.safetensors")
+    stdout = run_loader(tmp_path, runs["finetune"], spec_of(model, tmp_path))
+    assert "LOADED transformers_modules.finetune." in stdout
+
+
+def test_remote_code_of_a_plain_model_is_refused_before_training(tmp_path, tiny_model_dir, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("plain text " * 200)
+    code = t2r.cli.main(["finetune", str(tiny_model_dir), "--data", str(text), "--block-size", "64", "--tokens", "128",
+                         "--no-progress", "--out", str(tmp_path / "ft"), "--remote-code"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].startswith("t2r finetune: error: --remote-code writes the code")
+    assert not (tmp_path / "ft" / "config.json").exists()
+
+
+def test_pipeline_writes_the_final_model_s_code(tmp_path, tiny_model_dir, capsys):
+    """`t2r pipeline --remote-code`: the final model's; a training stage's `remote_code: true` its own."""
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged, that a single man. " * 40)
+    recipe = {"name": "tiny", "model": str(tiny_model_dir), "data": str(tmp_path / "text.txt"), "block_size": 64,
+              "convert": {"feature_map": "hedgehog", "feature_dim": 8, "window": 4},
+              "distill": {"steps": 1, "eval_every": 0, "remote_code": True},
+              "eval": {"data": [str(tmp_path / "text.txt")], "context": 64, "max_blocks": 1},
+              "generate": {"prompt": "It is", "max_new_tokens": 2}}
+    (tmp_path / "tiny.json").write_text(json.dumps(recipe))  # YAML's superset
+    runs = {"key": (tmp_path / "run1", []), "flag": (tmp_path / "run2", ["--distill.remote_code", "false", "--remote-code"]),
+            "neither": (tmp_path / "run3", ["--distill.remote_code", "false"])}
+    for how, (out, flags) in runs.items():
+        code = t2r.cli.main(["pipeline", "--config", str(tmp_path / "tiny.json"), "--out", str(out), "--json", *flags])
+        assert code == 0, capsys.readouterr().err
+        results = json.loads(capsys.readouterr().out)
+        assert ("remote_code" in results) is (how == "flag")
+        config = json.loads((out / "distill" / "config.json").read_text())
+        if how == "neither":
+            assert "auto_map" not in config and not list(out.glob("*/*.py"))
+        else:
+            assert config["auto_map"]["AutoModelForCausalLM"] == f"{ENTRY}.T2RLlamaForCausalLM"
+            assert not list((out / "converted").glob("*.py"))

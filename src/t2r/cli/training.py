@@ -47,8 +47,7 @@ def data_command(source: str, *, out: str, model: str | None = None, block_size:
 
 def distill_command(model: str, *, data: str = "austen", options: DistillSettings = DistillSettings(),
                     out: str = "runs/distilled", block_size: int | None = None, resume: bool = False,
-                    overwrite: bool = False, progress: bool = True, remote_code: bool = False,
-                    as_json: bool = False) -> dict:
+                    overwrite: bool = False, progress: bool = True, as_json: bool = False) -> dict:
     """Stage 1, attention transfer: train the feature maps so each linear attention layer imitates softmax attention.
 
     Args:
@@ -60,9 +59,6 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
         resume: continue the interrupted run in --out from its last checkpoint.
         overwrite: delete an earlier run in --out and start again.
         progress: show a progress bar on stderr.
-        remote_code: also save the final model's code with an auto_map, so that plain transformers loads it without
-            t2r, with trust_remote_code=True (the Hub, lm-eval's own CLI). Off by default: running a model's code is
-            a trust decision for whoever loads it.
         as_json: print the result as JSON.
     """
     from ..stages.distill import attention_transfer, load_training_data
@@ -77,7 +73,7 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
     summary = attention_transfer(student, blocks, out, config, tokenizer=tokenizer, attn_ce=options.attn_ce,
                                  settings={"model": str(Path(model).resolve()), "data": data},
                                  resume=resume, overwrite=overwrite)
-    if remote_code:
+    if options.remote_code:
         summary["remote_code"] = add_remote_code(out)
     return {"model": model, "data": data, "stage": "distill", **summary,
             "wall_seconds": round(time.perf_counter() - started, 2)}
@@ -86,7 +82,7 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
 def finetune_command(model: str, *, data: str = "austen", options: FinetuneSettings = FinetuneSettings(),
                      teacher: str | None = None, out: str = "runs/finetuned", block_size: int | None = None,
                      resume: bool = False, overwrite: bool = False, progress: bool = True,
-                     remote_code: bool = False, as_json: bool = False) -> dict:
+                     as_json: bool = False) -> dict:
     """Stage 2, finetuning: the whole model, or LoRA adapters (merged on export), on the LM loss (+ KD to a teacher).
 
     Args:
@@ -99,13 +95,10 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
         resume: continue the interrupted run in --out from its last checkpoint.
         overwrite: delete an earlier run in --out and start again.
         progress: show a progress bar on stderr.
-        remote_code: also save the final model's code with an auto_map, so that plain transformers loads it without
-            t2r, with trust_remote_code=True (the Hub, lm-eval's own CLI). Off by default: running a model's code is
-            a trust decision for whoever loads it.
         as_json: print the result as JSON.
     """
     if is_parallel_source(data) or is_parallel_dir(data):  # a translation model on sentence pairs
-        return finetune_pairs(model, data, options, out, overwrite, remote_code=remote_code)
+        return finetune_pairs(model, data, options, out, overwrite)
     from ..stages.distill import load_training_data
     from ..stages.finetune import Finetuning, check_same_tokenizer, check_same_vocabulary, finetune_model
     from ..train.checkpoint import check_run_dir
@@ -116,7 +109,7 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
     check_writable(out)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_any(model)
-    if remote_code:
+    if options.remote_code:
         check_converted(student, model)
     teacher_model = None
     if teacher is not None:
@@ -130,7 +123,7 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
     summary = finetune_model(student, blocks, out, config, tokenizer=tokenizer,
                              method=Finetuning.of(options, teacher_model), settings=settings, resume=resume,
                              overwrite=overwrite)
-    if remote_code:
+    if options.remote_code:
         summary["remote_code"] = add_remote_code(out)
     return {"model": model, "data": data, "stage": "finetune", "lora": options.lora, "kd": options.kd, **summary,
             "wall_seconds": round(time.perf_counter() - started, 2)}

@@ -56,9 +56,9 @@ def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | Non
     return result
 
 
-def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool, *, remote_code: bool = False) -> dict:
+def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) -> dict:
     """`t2r finetune` on parallel data: teacher-forced cross-entropy on the target tokens, every weight trained;
-    the model is written to `out` at the end (no checkpoints or --resume here; with its code if `remote_code`)."""
+    the model is written to `out` at the end (no checkpoints or --resume here; with its code if `options.remote_code`)."""
     if options.lora or options.kd:
         raise T2RError("finetuning on sentence pairs trains every weight with cross-entropy: --lora and --kd are "
                        "for language models")
@@ -69,7 +69,7 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool, *,
     check_run_dir(Path(out), resume=False, overwrite=overwrite)
     student, tokenizer = load_any(model, translation=True)
     check_translation_model(student, "finetuning on sentence pairs")
-    if remote_code:
+    if options.remote_code:
         check_converted(student, model)
     train, heldout = load_pairs(data, "train"), load_pairs(data, "heldout")
     settings = PairTraining(tokens=options.tokens, batch_size=options.batch_size, lr=options.lr or 3e-4,
@@ -80,7 +80,7 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool, *,
     summary = train_pairs(student, tokenizer, train, settings, on_step=lambda step, loss, seen: metrics.append(
         json.dumps({"step": step, "loss": round(loss, 5), "target_tokens": seen})))
     after = heldout_loss(student, tokenizer, heldout)
-    save(student, out, tokenizer, overwrite=overwrite, remote_code=remote_code)
+    save(student, out, tokenizer, overwrite=overwrite, remote_code=options.remote_code)
     write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
     return {"model": model, "data": data, "stage": "finetune", "pairs": len(train), **summary,
             "heldout_loss_before": round(before, 4), "heldout_loss_after": round(after, 4), "out": out}

@@ -46,6 +46,12 @@ class TrainSettings(Settings):
     checkpoint_every: int = Field(100, ge=0, description="write a checkpoint every this many steps (0: only on "
                                                          "Ctrl-C).")
     seed: int = Field(0, description="seed of the data order and of the RNG.")
+    remote_code: bool = Field(False, exclude=True, description="also save the final model's code with an auto_map, "
+                                                               "so that plain transformers loads it without t2r, with "
+                                                               "trust_remote_code=True (the Hub, lm-eval's own CLI); "
+                                                               "off by default: running a model's code is a trust "
+                                                               "decision for whoever loads it. Not recorded: it does "
+                                                               "not change the run.")
 
     def train_config(self, progress: bool = True) -> TrainConfig:
         """The trainer's config: `steps` when set, else the token budget."""
