@@ -30,9 +30,10 @@ from t2r.mixers import MIXERS
 from t2r.remote_code import ENTRY, THIRD_PARTY, bundle
 
 SRC = Path(t2r.__file__).resolve().parents[1]  # the folder holding the t2r package
-# The script a fresh process runs: t2r cannot be imported there (a finder refuses it before any other import).
-LOADER = textwrap.dedent('''
-    import importlib.abc, json, sys
+# The start of every script a fresh process runs here: t2r cannot be imported there (a finder refuses it before any
+# other import), and at exit it says what of t2r was imported (nothing).
+NO_T2R = textwrap.dedent('''
+    import atexit, importlib.abc, json, sys
 
     class NoT2R(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -40,6 +41,12 @@ LOADER = textwrap.dedent('''
                 raise ImportError(f"this process must not import {name}")
 
     sys.meta_path.insert(0, NoT2R())
+
+    @atexit.register
+    def _no_t2r_was_imported():
+        print("T2R MODULES", sorted(name for name in sys.modules if name == "t2r" or name.startswith("t2r.")))
+''')
+LOADER = NO_T2R + textwrap.dedent('''
     import torch
     import transformers
     from safetensors.torch import load_file
@@ -74,8 +81,6 @@ LOADER = textwrap.dedent('''
     model.save_pretrained(spec["resave"])  # transformers copies the code with the model
     again = auto.from_pretrained(spec["resave"], trust_remote_code=True).eval()
     assert torch.equal(outputs(again, ref)[0], ref["logits"])
-    blocked = sorted(name for name in sys.modules if name == "t2r" or name.startswith("t2r."))
-    assert not blocked, blocked
     print("LOADED", type(model).__module__, type(model).__name__)
 ''')
 
@@ -104,18 +109,24 @@ def reference(model, path) -> None:
     save_file({k: v.contiguous() for k, v in ref.items()}, str(path))
 
 
-def run_loader(tmp_path, where, spec: dict, **env) -> str:
-    """Run LOADER in a fresh process (offline, its own modules cache, no PYTHONPATH, stdin closed: transformers asks
-    nothing); returns its stdout."""
-    script = tmp_path / "load.py"
-    script.write_text(LOADER)
+def run_without_t2r(tmp_path, script: str, args: list[str], **env) -> str:
+    """Run `script` (NO_T2R first) in a fresh process, offline, with its own modules cache, no PYTHONPATH and stdin
+    closed (transformers asks nothing); returns its stdout, after checking that it imported nothing of t2r."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    environ.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", **env)
-    done = subprocess.run([sys.executable, str(script), str(where), str(tmp_path / "ref.safetensors"),
-                           json.dumps(spec)], env=environ, cwd=tmp_path, stdin=subprocess.DEVNULL,
+    environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
+                   OMP_NUM_THREADS="1", **env)
+    done = subprocess.run([sys.executable, str(path), *args], env=environ, cwd=tmp_path, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "T2R MODULES []", done.stdout[-500:]
     return done.stdout
+
+
+def run_loader(tmp_path, where, spec: dict, **env) -> str:
+    """LOADER on the model at `where` (a directory or a Hub id) against the reference in tmp_path/ref.safetensors."""
+    return run_without_t2r(tmp_path, LOADER, [str(where), str(tmp_path / "ref.safetensors"), json.dumps(spec)], **env)
 
 
 def spec_of(model, tmp_path, trust: bool = True) -> dict:
@@ -302,3 +313,43 @@ def test_pipeline_writes_the_final_model_s_code(tmp_path, tiny_model_dir, capsys
         else:
             assert config["auto_map"]["AutoModelForCausalLM"] == f"{ENTRY}.T2RLlamaForCausalLM"
             assert not list((out / "converted").glob("*.py"))
+
+
+LM_EVAL_TASK = """task: local_text
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+metadata:
+  version: 1.0
+"""
+LM_EVAL_CLI = NO_T2R + "from lm_eval.__main__ import cli_evaluate\nsys.argv[0] = 'lm_eval'\ncli_evaluate()\n"
+
+
+def test_lm_evals_own_command_line_loads_it_without_t2r(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (lm-eval's own CLI, in a process that
+    cannot import t2r) on a local text: the word perplexity of `t2r eval --text` on the same text."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 't2r[lm-eval]')")
+    from t2r.cli.evaluation import EvalOptions, eval_command
+
+    out = t2r.save(converted(*CASES["llama-hedgehog-window"]), tmp_path / "rnn", byte_tokenizer(), remote_code=True)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+        "of a wife.", "However little known the feelings or views of such a man may be.")))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local_text.yaml").write_text(LM_EVAL_TASK.format(data=docs))
+    run_without_t2r(tmp_path, LM_EVAL_CLI, [
+        "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,max_length=32,dtype=float32",
+        "--tasks", "local_text", "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "1",
+        "--output_path", str(tmp_path / "results")])
+    [results] = (tmp_path / "results").rglob("results_*.json")
+    theirs = json.loads(results.read_text())["results"]["local_text"]["word_perplexity,none"]
+    ours = eval_command(str(out), text=str(docs), context="32", options=EvalOptions(teacher=False))["student"]
+    assert abs(theirs - ours["word_perplexity"]) <= 1e-3 * ours["word_perplexity"]
