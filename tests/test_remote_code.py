@@ -196,8 +196,8 @@ def test_without_the_flag_the_saved_files_are_as_before(tmp_path):
 
 
 def test_t2r_loads_a_remote_code_directory_with_its_own_classes_and_saves_it_without_code(tmp_path):
-    """With t2r imported its registered classes win (trust_remote_code or not); saved again without the flag, the
-    model carries no code and no auto_map pointing at files that are not there."""
+    """With t2r imported its registered classes win (trust_remote_code or not); saved again without the flag, or by
+    HF's save_pretrained, the model carries no code and no auto_map pointing at files that are not there."""
     model = converted(*CASES["llama-hedgehog-window"])
     out = t2r.save(model, tmp_path / "rnn", remote_code=True)
     ids = torch.tensor([[1, 5, 9, 30, 44]])
@@ -208,6 +208,9 @@ def test_t2r_loads_a_remote_code_directory_with_its_own_classes_and_saves_it_wit
             assert torch.equal(loaded(ids).logits, model(ids).logits)
     again = t2r.save(t2r.load(out), tmp_path / "again")
     assert not list(again.glob("*.py")) and "auto_map" not in json.loads((again / "config.json").read_text())
+    transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).save_pretrained(tmp_path / "hf")
+    assert not list((tmp_path / "hf").glob("*.py"))  # nor HF's own save_pretrained (push_to_hub)
+    assert "auto_map" not in json.loads((tmp_path / "hf" / "config.json").read_text())
 
 
 def without_imports(text: str) -> str:

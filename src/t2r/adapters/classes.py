@@ -60,6 +60,9 @@ def make_classes(family: str, module: str = __name__) -> tuple[type, type]:
         kwargs.setdefault("use_safetensors", True)  # a converted model is never read from a pickle, by any path
         loaded = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
         model, info = loaded if isinstance(loaded, tuple) else (loaded, None)  # output_loading_info=True: a pair
+        if getattr(cls, "_auto_class", None) is None and hasattr(model.config, "auto_map"):
+            del model.config.auto_map  # t2r's own class read a directory saved with its code: saved again (HF's
+            # save_pretrained, push_to_hub) it would claim code it does not write (t2r.remote_code writes it)
         if load_legacy_window_factors(model, path):
             log.info("%s was saved before mixers (recipe version 1): its window factors were moved into the mixers "
                      "(the load report's window_logit lines are expected)", path)
