@@ -150,6 +150,18 @@ def test_a_fresh_process_without_t2r_loads_it_with_the_same_logits_and_tokens(tm
     assert resaved["auto_map"] == json.loads((out / "config.json").read_text())["auto_map"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text", "bart"])
+def test_every_other_family_loads_without_t2r(tmp_path, family):
+    """The families the fast cases above leave out (about 7 s each): the same load in a process without t2r."""
+    model = tiny_seq2seq(family) if family == "bart" else tiny_model(family, vocab_size=len(byte_tokenizer()))
+    recipe = {} if family == "bart" else {"mixer": "gated_delta", "window": 4}
+    model = t2r.convert(model, feature_map="hedgehog", feature_dim=8, **recipe).eval()
+    out = t2r.save(model, tmp_path / "rnn", remote_code=True)
+    reference(model, tmp_path / "ref.safetensors")
+    assert "LOADED transformers_modules.rnn." in run_loader(tmp_path, out, spec_of(model, tmp_path))
+
+
 def hub_snapshot(model_dir, cache, repo: str = "someone/tiny-rnn"):
     """`model_dir` laid out as a model downloaded from the Hub into `cache` (refs/main -> a snapshot)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
