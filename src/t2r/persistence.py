@@ -15,14 +15,19 @@ from transformers import AutoTokenizer
 from .adapters import auto_class
 from .errors import NotAT2RModelError, T2RError
 from .io import private_dir_beside, recover_dir, refuse_symlink, replace_dir
+from .remote_code import drop_remote_code, write_remote_code
 
 log = logging.getLogger(__name__)
 
 
-def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False, remote_code: bool = False) -> Path:
     """Write `model` (and `tokenizer`) to `out_dir` via `save_pretrained`, atomically: into a temporary directory
     beside it, renamed into place only when complete. An existing directory is replaced only with `overwrite=True`
-    and only if it holds a t2r model (nothing else a user made is ever deleted)."""
+    and only if it holds a t2r model (nothing else a user made is ever deleted).
+
+    `remote_code=True` also writes the model's code beside it (`t2r.remote_code`), so that transformers loads it
+    without t2r with `trust_remote_code=True` (the Hub, lm-eval's CLI); running it is a trust decision for whoever
+    loads the model, so it is off by default, and a directory saved without it holds no code."""
     out = Path(out_dir)
     refuse_symlink(out)
     recover_dir(out)
@@ -39,6 +44,10 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if remote_code:
+            write_remote_code(tmp)
+        else:
+            drop_remote_code(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

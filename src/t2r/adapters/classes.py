@@ -42,10 +42,12 @@ def auto_class(model_type: str):
     return getattr(transformers, adapter.families[family].auto if adapter else "AutoModelForCausalLM")
 
 
-def _make_classes(family: str) -> tuple[type, type]:
+def make_classes(family: str, module: str = __name__) -> tuple[type, type]:
+    """The family's converted (config class, model class), defined as if in `module` (the entry file of a model's
+    remote code, `t2r.remote_code`, names its own module: transformers copies that file when it saves the model)."""
     base_config, base_model = hf_classes(family)
     config_cls = type(f"T2R{base_config.__name__}", (base_config,),
-                      {"model_type": f"t2r_{family}", "__module__": __name__})
+                      {"model_type": f"t2r_{family}", "__module__": module})
 
     def __init__(self, config):
         base_model.__init__(self, config)
@@ -58,6 +60,9 @@ def _make_classes(family: str) -> tuple[type, type]:
         kwargs.setdefault("use_safetensors", True)  # a converted model is never read from a pickle, by any path
         loaded = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
         model, info = loaded if isinstance(loaded, tuple) else (loaded, None)  # output_loading_info=True: a pair
+        if getattr(cls, "_auto_class", None) is None and hasattr(model.config, "auto_map"):
+            del model.config.auto_map  # t2r's own class read a directory saved with its code: saved again (HF's
+            # save_pretrained, push_to_hub) it would claim code it does not write (t2r.remote_code writes it)
         if load_legacy_window_factors(model, path):
             log.info("%s was saved before mixers (recipe version 1): its window factors were moved into the mixers "
                      "(the load report's window_logit lines are expected)", path)
@@ -69,7 +74,7 @@ def _make_classes(family: str) -> tuple[type, type]:
 
     model_cls = type(f"T2R{base_model.__name__}", (base_model,),
                      {"config_class": config_cls, "__init__": __init__, "from_pretrained": from_pretrained,
-                      "__module__": __name__})
+                      "__module__": module})
     return config_cls, model_cls
 
 
@@ -95,7 +100,7 @@ def register_all() -> None:
     for family in supported_families():
         if family in CONVERTED_CLASSES:
             continue
-        config_cls, model_cls = _make_classes(family)
+        config_cls, model_cls = make_classes(family)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         auto_class(family).register(config_cls, model_cls, exist_ok=True)
         CONVERTED_CLASSES[family] = (config_cls, model_cls)

@@ -80,7 +80,8 @@ def torch_dtype(name: str):
 
 def convert_command(model: str | None = None, *, options: ConvertSettings | None = None,
                     init: str = "pretrained", encoder: str | None = None, out: str = "runs/rnn",
-                    overwrite: bool = False, dtype: str = "float32", as_json: bool = False) -> dict:
+                    overwrite: bool = False, dtype: str = "float32", remote_code: bool = False,
+                    as_json: bool = False) -> dict:
     """Convert a pretrained causal LM's softmax attention to linear attention and save it.
 
     Args:
@@ -93,6 +94,9 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
         overwrite: replace --out if it already holds a t2r model.
         dtype: load and save the model's weights in float32, bfloat16 (half the disk) or float16; the new feature
             maps stay float32.
+        remote_code: also save the model's code (generated from t2r's modules) with an auto_map, so that plain
+            transformers loads it without t2r, with trust_remote_code=True (the Hub, lm-eval's own CLI). Off by
+            default: running a model's code is a trust decision for whoever loads it.
         as_json: print the result as JSON.
     """
     if init not in INITS:
@@ -119,8 +123,9 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
              recipe.feature_dim, recipe.mixer)
     converted = convert(hf_model, recipe, seed=options.seed, convert_layers=options.convert_layers, encoder=encoder)
     log.info("saving to %s", out)
-    save(converted, out, tokenizer, overwrite=overwrite)
-    return {"source": source.describe(), "out": out, "init": init, "recipe": converted.config.t2r,
+    save(converted, out, tokenizer, overwrite=overwrite, remote_code=remote_code)
+    return {"source": source.describe(), "out": out, "init": init, **({"remote_code": True} if remote_code else {}),
+            "recipe": converted.config.t2r,
             "linear_layers": count_linear_layers(converted),
             "parameters_added": sum(p.numel() for n, p in converted.named_parameters()
                                     if is_conversion_parameter(n)),
@@ -145,6 +150,15 @@ def check_layers(options: ConvertSettings, num_layers: int | None) -> None:
     chosen = [int(i) for i in options.convert_layers.split(",")] if options.convert_layers[0].isdigit() else []
     if bad := [i for i in chosen if i >= num_layers]:
         raise T2RError(f"--convert-layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+
+
+def check_converted(model, path: str) -> None:
+    """--remote-code writes the code of a converted model: a plain one has none to write (said before training)."""
+    from ..adapters import is_converted
+
+    if not is_converted(model):
+        raise T2RError(f"--remote-code writes the code of a converted model, and {path} is a plain one: leave "
+                       "--remote-code out (transformers loads a plain model without it)")
 
 
 def check_language_model(model, path: str) -> None:

@@ -140,7 +140,8 @@ def render(command: str, r: dict) -> str:
         return (f"converted {r['source']} -> {r['out']}: {r['linear_layers']} linear attention layers "
                 f"({rec['feature_map']}, feature_dim={rec['feature_dim']}, window={rec['window']}, "
                 f"softmax kept: {rec['keep_softmax_layers'] or 'none'}), +{r['parameters_added']:,} parameters, "
-                f"{r['seconds']} s")
+                f"{r['seconds']} s" + ("; with its code: transformers loads it with trust_remote_code=True, without "
+                                       "t2r" if r.get("remote_code") else ""))
     if command == "translate":
         return f"{r['translation']}\n\n[beam {r['beam']}, {r['seconds']} s]"
     if command == "generate":

@@ -11,7 +11,7 @@ from ..io import check_writable
 from ..parallel import is_parallel_dir, is_parallel_source, prepare_parallel
 from ..stages.recipes import read_recipe
 from ..train.settings import DistillSettings, FinetuneSettings
-from .models import load_any, load_converted
+from .models import check_converted, load_any, load_converted
 from .translation import finetune_pairs
 
 # what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
@@ -73,6 +73,8 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
     summary = attention_transfer(student, blocks, out, config, tokenizer=tokenizer, attn_ce=options.attn_ce,
                                  settings={"model": str(Path(model).resolve()), "data": data},
                                  resume=resume, overwrite=overwrite)
+    if options.remote_code:
+        summary["remote_code"] = add_remote_code(out)
     return {"model": model, "data": data, "stage": "distill", **summary,
             "wall_seconds": round(time.perf_counter() - started, 2)}
 
@@ -107,6 +109,8 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
     check_writable(out)
     check_run_dir(Path(out), resume=resume, overwrite=overwrite)  # before minutes of loading
     student, tokenizer = load_any(model)
+    if options.remote_code:
+        check_converted(student, model)
     teacher_model = None
     if teacher is not None:
         teacher_model, teacher_tokenizer = load_any(teacher)
@@ -119,16 +123,27 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
     summary = finetune_model(student, blocks, out, config, tokenizer=tokenizer,
                              method=Finetuning.of(options, teacher_model), settings=settings, resume=resume,
                              overwrite=overwrite)
+    if options.remote_code:
+        summary["remote_code"] = add_remote_code(out)
     return {"model": model, "data": data, "stage": "finetune", "lora": options.lora, "kd": options.kd, **summary,
             "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def add_remote_code(model_dir) -> str:
+    """Write the code of the model saved in `model_dir` beside it (`t2r.remote_code`); returns its entry file."""
+    from ..remote_code import ENTRY, write_remote_code
+
+    write_remote_code(model_dir)
+    log.info("wrote the model's code to %s: transformers loads it with trust_remote_code=True", model_dir)
+    return str(Path(model_dir) / f"{ENTRY}.py")
 
 
 def _stages(redo: str) -> list[str]:
     return [s.strip() for s in redo.split(",") if s.strip()]
 
 
-def pipeline_command(*, config: str, out: str | None = None, redo: str = "", as_json: bool = False,
-                     **overrides: str) -> dict:
+def pipeline_command(*, config: str, out: str | None = None, redo: str = "", remote_code: bool = False,
+                     as_json: bool = False, **overrides: str) -> dict:
     """Run a recipe end to end: convert, attention transfer, softmax layers, finetune, evaluate, export, report.
 
     Args:
@@ -137,13 +152,19 @@ def pipeline_command(*, config: str, out: str | None = None, redo: str = "", as_
             interrupted one, whose recorded settings equal the recipe's, and stops if they differ.
         redo: redo these stages and the stages built on them (comma-separated: converted, distill, softmax-layers,
             teacher-finetune, finetune).
+        remote_code: also save the final model's code with an auto_map, so that plain transformers loads it without
+            t2r, with trust_remote_code=True (the Hub, lm-eval's own CLI). Off by default: running a model's code is
+            a trust decision for whoever loads it.
         as_json: print the results as JSON.
         overrides: any recipe value, as a dotted key and a YAML value: --distill.tokens 4k --eval.max_blocks 2.
     """
     from ..stages.pipeline import run_pipeline
 
     recipe = read_recipe(config, overrides)
-    return run_pipeline(recipe, out or f"runs/{recipe.name}", redo=_stages(redo))
+    results = run_pipeline(recipe, out or f"runs/{recipe.name}", redo=_stages(redo))
+    if remote_code:
+        results["remote_code"] = add_remote_code(results["final_model"])
+    return results
 
 
 def demo_command(*, out: str = "runs/demo", redo: str = "", as_json: bool = False, **overrides: str) -> dict:

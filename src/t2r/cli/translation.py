@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import T2RError
 from ..io import write_text
 from ..parallel import load_pairs
-from .models import load_any, load_with_teacher
+from .models import check_converted, load_any, load_with_teacher
 
 log = logging.getLogger("t2r")
 # what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
@@ -58,7 +58,7 @@ def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | Non
 
 def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) -> dict:
     """`t2r finetune` on parallel data: teacher-forced cross-entropy on the target tokens, every weight trained;
-    the model is written to `out` at the end (no checkpoints or --resume here)."""
+    the model is written to `out` at the end (no checkpoints or --resume here; with its code if `options.remote_code`)."""
     if options.lora or options.kd:
         raise T2RError("finetuning on sentence pairs trains every weight with cross-entropy: --lora and --kd are "
                        "for language models")
@@ -69,6 +69,8 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) ->
     check_run_dir(Path(out), resume=False, overwrite=overwrite)
     student, tokenizer = load_any(model, translation=True)
     check_translation_model(student, "finetuning on sentence pairs")
+    if options.remote_code:
+        check_converted(student, model)
     train, heldout = load_pairs(data, "train"), load_pairs(data, "heldout")
     settings = PairTraining(tokens=options.tokens, batch_size=options.batch_size, lr=options.lr or 3e-4,
                             warmup=options.warmup, min_lr=options.min_lr, weight_decay=options.weight_decay,
@@ -78,7 +80,7 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) ->
     summary = train_pairs(student, tokenizer, train, settings, on_step=lambda step, loss, seen: metrics.append(
         json.dumps({"step": step, "loss": round(loss, 5), "target_tokens": seen})))
     after = heldout_loss(student, tokenizer, heldout)
-    save(student, out, tokenizer, overwrite=overwrite)
+    save(student, out, tokenizer, overwrite=overwrite, remote_code=options.remote_code)
     write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
     return {"model": model, "data": data, "stage": "finetune", "pairs": len(train), **summary,
             "heldout_loss_before": round(before, 4), "heldout_loss_after": round(after, 4), "out": out}

@@ -31,6 +31,7 @@ from ..evaluate import cached_perplexity, model_fingerprint
 from ..generate import new_cache, prepare_tokenizer
 from ..io import write_json, write_text
 from ..persistence import load, save
+from ..remote_code import write_remote_code
 from ..sources import load_model
 from ..transfer import layer_errors
 from ..units import fmt_bytes
@@ -71,6 +72,13 @@ def _speed(model, tokenizer, recipe: PipelineRecipe) -> dict:
     return {"text": tokenizer.decode(tokens[0], skip_special_tokens=True), "new_tokens": int(tokens.shape[1]),
             "ms_per_token": round(1000 * seconds / max(1, tokens.shape[1]), 2), "cache_bytes": cache_bytes(cache),
             "context": int(enc["input_ids"].shape[1] + tokens.shape[1])}
+
+
+def with_code(stage_dir: Path, settings) -> Path:
+    """A training stage's `remote_code: true` writes its model's code beside it (`t2r.remote_code`)."""
+    if settings.remote_code:
+        write_remote_code(stage_dir)
+    return stage_dir
 
 
 class _Run:
@@ -116,9 +124,9 @@ class _Run:
 
     def distilled(self, student):
         settings = self.recipe.distill
-        return self.stage("distill", lambda stage_dir, record: attention_transfer(
+        return with_code(self.stage("distill", lambda stage_dir, record: attention_transfer(
             student, self.blocks, stage_dir, settings.train_config(), tokenizer=self.tokenizer,
-            attn_ce=settings.attn_ce, settings=record, resume=True))
+            attn_ce=settings.attn_ce, settings=record, resume=True)), settings)
 
     def softmax_layers(self, student) -> tuple[Path | None, list[int]]:
         """OUT/softmax-layers and its softmax layers (auto: the worst after stage 1), or (None, []) if none."""
@@ -138,9 +146,9 @@ class _Run:
 
     def finetuned(self, model, name: str, settings, teacher=None) -> Path:
         """`model` finetuned by `settings` (stage 2's, or the reference's) into OUT/<name>."""
-        return self.stage(name, lambda stage_dir, record: finetune_model(
+        return with_code(self.stage(name, lambda stage_dir, record: finetune_model(
             model, self.blocks, stage_dir, settings.train_config(), tokenizer=self.tokenizer,
-            method=Finetuning.of(settings, teacher), settings=record, resume=True))
+            method=Finetuning.of(settings, teacher), settings=record, resume=True)), settings)
 
     def reference(self):
         """The KD teacher of stage 2: the original finetuned on the recipe's data when the recipe asks for it (also

@@ -51,6 +51,13 @@ class TrainSettings(Settings):
                                                    "GPU (weights and optimizer state stay float32). Refused on a "
                                                    "CPU, where bfloat16 matmuls are 6-20x slower than float32.")
 
+    remote_code: bool = Field(False, exclude=True, description="also save the final model's code with an auto_map, "
+                                                               "so that plain transformers loads it without t2r, with "
+                                                               "trust_remote_code=True (the Hub, lm-eval's own CLI); "
+                                                               "off by default: running a model's code is a trust "
+                                                               "decision for whoever loads it. Not recorded: it does "
+                                                               "not change the run.")
+
     # settings added after pipeline runs were recorded: left out of a dump while they keep the old behaviour, so the
     # stage records of earlier runs still equal the recipe's
     UNRECORDED_AT: ClassVar[dict] = {"mixed_precision": "no"}
