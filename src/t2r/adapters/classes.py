@@ -77,7 +77,7 @@ def load_legacy_window_factors(model: nn.Module, path) -> int:
     """Models saved before mixers were modules (recipe version 1) hold each layer's window factors at
     `...self_attn.window_logit`; they now live in the mixer (`...self_attn.mixer.window_logit`), so HF's loader
     leaves them out. Copy them from the checkpoint in the local directory `path` into place; returns how many."""
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    files = sorted(Path(path).glob("*.safetensors")) if path is not None and Path(path).is_dir() else []
     params = dict(model.named_parameters())
     copied = 0
     for file in files:
