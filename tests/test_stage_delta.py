@@ -190,3 +190,14 @@ def test_resume_interrupted_finetune_over_deltas(tmp_path, recipe, capsys, monke
     assert json.loads(capsys.readouterr().out)["stages"][-1]["stage"] == "after stage 2 (finetuning)"
     a, b = materialise(whole / "finetune"), materialise(cut / "finetune")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_class_reads_a_delta(run):
+    """After `import t2r`, plain transformers rebuilds a delta stage too (never a model with missing weights)."""
+    from transformers import AutoModelForCausalLM
+
+    out, _ = run
+    model, info = AutoModelForCausalLM.from_pretrained(out / "distill", output_loading_info=True)
+    assert not info["missing_keys"]
+    assert torch.equal(_logits(model), _logits(t2r.load(out / "distill")))
+    assert model.config.name_or_path == str(out / "distill")

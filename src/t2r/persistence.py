@@ -130,22 +130,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
 
     config = check_model_dir(path)
     try:
-        model, info = _load_weights(path, config, dtype)
+        model, info = auto_class(str(config.get("model_type", ""))).from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, output_loading_info=True)
     except CONFIG_ERRORS as err:  # a config.json with wrong types or impossible values
         raise NotAT2RModelError(f"could not load {str(path)!r}: {' '.join(str(err).split())[:300]}") from err
     refuse_missing_weights(path, info)
     return model.eval()
-
-
-def _load_weights(path, config: dict, dtype: torch.dtype):
-    """(model, loading info): a pipeline stage saved as changes over its parent is rebuilt from the chain
-    (`t2r.stages.delta`), any other directory read by `from_pretrained`."""
-    from .stages.delta import is_delta_dir, load_delta
-
-    if is_delta_dir(path):
-        return load_delta(path, config, dtype)
-    return auto_class(str(config.get("model_type", ""))).from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, output_loading_info=True)
 
 
 # what building a model from a damaged config.json raises (a field of the wrong type, zero heads, a negative size)

@@ -8,13 +8,14 @@ the feature maps and window factors; LoRA finetuning: the merged projections and
      "tensors": [the names in delta.safetensors], "removed": [parent tensors the stage does not have]}
 
 `removed` lists what a stage dropped (a layer that went back to softmax loses its feature map). Loading a delta
-(`t2r.load`, so every command given a stage directory) reads the parent's tensors (recursively: a chain such as
-finetune -> distill -> converted), drops `removed`, puts the stage's own tensors over them, and builds the model from
-that. The parent's fingerprint (sha256 of its weight files and, for a delta, of its own parent's fingerprint) is
-checked first: a parent changed or deleted since is one line saying to redo the stage. Everything read is
-safetensors. A directory is turned into a delta in place (`rewrite_as_delta`) in steps that each leave a loadable
-model: delta.json first (the full weights, still there, overlay the parent with the same values), then
-delta.safetensors (written atomically), then the full weight files are removed.
+(`t2r.load`, every command given a stage directory, or `AutoModelForCausalLM.from_pretrained` after `import t2r`:
+the converted classes' `from_pretrained` in `t2r.adapters.classes` calls `materialise`) reads the parent's tensors
+(recursively: a chain such as finetune -> distill -> converted), drops `removed`, puts the stage's own tensors over
+them, and builds the model from that. The parent's fingerprint (sha256 of its weight files and, for a delta, of its
+own parent's fingerprint) is checked first: a parent changed or deleted since is one line saying to redo the stage.
+Everything read is safetensors. A directory is turned into a delta in place (`rewrite_as_delta`) in steps that each
+leave a loadable model: delta.json first (the full weights, still there, overlay the parent with the same values),
+then delta.safetensors (written atomically), then the full weight files are removed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from ..errors import NotAT2RModelError
 from ..io import atomic_write, write_json
 
@@ -174,22 +174,3 @@ def rewrite_as_delta(stage_dir: str | Path, parent_dir: str | Path) -> dict:
     size = (stage_dir / WEIGHTS).stat().st_size
     log.info("%s: saved as %d changed tensors over %s (%s bytes)", stage_dir.name, len(changed), parent_dir.name, size)
     return {"tensors": len(changed), "removed": len(meta["removed"]), "bytes": size}
-
-
-def load_delta(path: str | Path, config: dict, dtype: torch.dtype):
-    """(model, loading info) of the delta stage at `path`, whose config.json is `config` (see `t2r.load`)."""
-    from transformers import GenerationConfig
-
-    from ..adapters.classes import CONVERTED_CLASSES
-
-    family = str(config.get("model_type", "")).removeprefix("t2r_")
-    if family not in CONVERTED_CLASSES:
-        raise NotAT2RModelError(f"{path}: a stage delta of an unknown model type {config.get('model_type')!r}")
-    config_cls, model_cls = CONVERTED_CLASSES[family]
-    tensors = materialise(path)
-    model, info = model_cls.from_pretrained(None, config=config_cls.from_pretrained(str(path)), state_dict=tensors,
-                                            dtype=dtype, output_loading_info=True)
-    if (Path(path) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(path))
-    model.config.name_or_path = str(path)
-    return model, info

@@ -45,10 +45,10 @@ def disk_use(out: Path, stages: list[str]) -> dict:
         path = Path(out) / stage
         if not path.is_dir():
             continue
-        stored = dir_bytes(path)
+        stored, delta = dir_bytes(path), is_delta_dir(path)
         weights = sum(f.stat().st_size for f in weight_files(path))
-        rows.append({"stage": stage, "delta": is_delta_dir(path), "bytes": stored,
-                     "whole_bytes": stored - weights + whole_weight_bytes(path)})
+        rows.append({"stage": stage, "delta": delta, "bytes": stored,
+                     "whole_bytes": stored - weights + whole_weight_bytes(path) if delta else stored})
     return {"stages": rows, "stages_bytes": sum(r["bytes"] for r in rows),
             "whole_bytes": sum(r["whole_bytes"] for r in rows), "run_bytes": dir_bytes(Path(out))}
 
