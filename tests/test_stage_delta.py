@@ -201,3 +201,17 @@ def test_auto_class_reads_a_delta(run):
     assert not info["missing_keys"]
     assert torch.equal(_logits(model), _logits(t2r.load(out / "distill")))
     assert model.config.name_or_path == str(out / "distill")
+
+
+def test_a_delta_that_becomes_the_final_model_is_materialised(run, recipe, capsys):
+    """Run again without stage 2: the softmax-layers stage (a delta) is now the final model, so it is saved whole,
+    in place, and loads to the same logits."""
+    out, _ = run
+    before = _logits(t2r.load(out / "softmax-layers"))
+    assert main(["pipeline", "--config", str(recipe), "--out", str(out), "--finetune", "null", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["final_model"] == str(out / "softmax-layers")
+    assert not (out / "softmax-layers" / "delta.json").exists()
+    assert (out / "softmax-layers" / "model.safetensors").is_file()
+    assert torch.equal(_logits(t2r.load(out / "softmax-layers")), before)
+    assert [r["delta"] for r in results["disk"]["stages"]] == [False, True, False]

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from ..errors import NotAT2RModelError
 from ..io import atomic_write, write_json
+from ..units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -172,5 +173,6 @@ def rewrite_as_delta(stage_dir: str | Path, parent_dir: str | Path) -> dict:
         if file.name != WEIGHTS:
             file.unlink()
     size = (stage_dir / WEIGHTS).stat().st_size
-    log.info("%s: saved as %d changed tensors over %s (%s bytes)", stage_dir.name, len(changed), parent_dir.name, size)
+    log.info("%s: saved as its %d changed tensors over %s (%s)", stage_dir.name, len(changed), parent_dir.name,
+             fmt_bytes(size))
     return {"tensors": len(changed), "removed": len(meta["removed"]), "bytes": size}

@@ -105,9 +105,9 @@ class _Run:
         log.info("%s: %s %s", name, "resuming" if action == "resume" else "running", stage_dir)
         settings = stage_settings(self.recipe, name)
         build(stage_dir, {"pipeline": settings})
+        write_record(stage_dir, name, settings)  # first: a crash while it shrinks leaves a whole stage that loads
         if parent is not None and name != final_stage(self.recipe) and not is_delta_dir(stage_dir):
             rewrite_as_delta(stage_dir, parent)
-        write_record(stage_dir, name, settings)
         return stage_dir
 
     def converted(self):
