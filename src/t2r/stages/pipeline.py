@@ -4,7 +4,9 @@ settings that made it (`t2r.stages.records`): running the recipe again reuses ea
 interrupted one from its checkpoint, when those settings equal the recipe's, and otherwise stops, naming the setting
 that differs (`--redo STAGE` redoes a stage and the stages built on it). Held-out evaluations are remembered on disk
 (`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model (every recipe's
-original-model row) or a rerun evaluate it once.
+original-model row) or a rerun evaluate it once; the training stages leave their own evaluations before and after
+training to these. The converted stage and the final model are saved whole, a stage in between as its changes over
+the stage it was built on (`t2r.stages.delta`); the run's disk use is reported (`t2r.stages.disk`).
 
 `teacher_finetune` finetunes the original model on the recipe's data (it reads the same first tokens of the same
 seeded block order as the other stages) into OUT/teacher-finetune. It is the reference the RNN is measured against
