@@ -15,12 +15,13 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from ..attention import is_conversion_parameter
 from ..errors import UnsupportedModelError
 from ..recipe import Recipe
 from ..rng import seeded
+from ..stages.delta import is_delta_dir, materialise
 from .base import ADAPTERS, adapter_for, base_model_type, swap_attention
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def make_classes(family: str, module: str = __name__) -> tuple[type, type]:
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
         kwargs.setdefault("use_safetensors", True)  # a converted model is never read from a pickle, by any path
+        if path is not None and is_delta_dir(path):  # a pipeline stage saved as its changes: rebuilt from the chain
+            return _from_delta(super(model_cls, cls).from_pretrained, config_cls, path, *args, **kwargs)
         loaded = super(model_cls, cls).from_pretrained(path, *args, **kwargs)
         model, info = loaded if isinstance(loaded, tuple) else (loaded, None)  # output_loading_info=True: a pair
         if getattr(cls, "_auto_class", None) is None and hasattr(model.config, "auto_map"):
@@ -78,11 +81,23 @@ def make_classes(family: str, module: str = __name__) -> tuple[type, type]:
     return config_cls, model_cls
 
 
+def _from_delta(from_pretrained, config_cls, path, *args, **kwargs):
+    """`from_pretrained` of the stage delta at `path` (`t2r.stages.delta`): its parents' tensors with its changes over
+    them, as the state dict of a model built from its own config.json (and generation config)."""
+    kwargs.setdefault("config", config_cls.from_pretrained(str(path)))
+    loaded = from_pretrained(None, *args, state_dict=materialise(path), **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model.config.name_or_path = str(path)
+    return loaded
+
+
 def load_legacy_window_factors(model: nn.Module, path) -> int:
     """Models saved before mixers were modules (recipe version 1) hold each layer's window factors at
     `...self_attn.window_logit`; they now live in the mixer (`...self_attn.mixer.window_logit`), so HF's loader
     leaves them out. Copy them from the checkpoint in the local directory `path` into place; returns how many."""
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    files = sorted(Path(path).glob("*.safetensors")) if path is not None and Path(path).is_dir() else []
     params = dict(model.named_parameters())
     copied = 0
     for file in files:

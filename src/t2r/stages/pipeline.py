@@ -4,7 +4,9 @@ settings that made it (`t2r.stages.records`): running the recipe again reuses ea
 interrupted one from its checkpoint, when those settings equal the recipe's, and otherwise stops, naming the setting
 that differs (`--redo STAGE` redoes a stage and the stages built on it). Held-out evaluations are remembered on disk
 (`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model (every recipe's
-original-model row) or a rerun evaluate it once.
+original-model row) or a rerun evaluate it once; the training stages leave their own evaluations before and after
+training to these. The converted stage and the final model are saved whole, a stage in between as its changes over
+the stage it was built on (`t2r.stages.delta`); the run's disk use is reported (`t2r.stages.disk`).
 
 `teacher_finetune` finetunes the original model on the recipe's data (it reads the same first tokens of the same
 seeded block order as the other stages) into OUT/teacher-finetune. It is the reference the RNN is measured against
@@ -38,7 +40,9 @@ from ..units import fmt_bytes
 from .distill import attention_transfer
 from .finetune import Finetuning, finetune_model, frozen
 from .recipes import DEFAULT_PROMPT, PipelineRecipe, parse_keep_softmax
-from .records import plan_stages, stage_settings, write_record
+from .delta import is_delta_dir, materialise_in_place, rewrite_as_delta
+from .disk import disk_markdown, disk_summary, disk_use, final_stage, without_end_evaluations
+from .records import active_stages, plan_stages, stage_settings, write_record
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +52,14 @@ def worst_layers(errors: list[float], n: int) -> list[int]:
     return sorted(sorted(range(len(errors)), key=lambda i: (-errors[i], i))[:n])
 
 
-def _evaluate(model, tokenizer, recipe: PipelineRecipe) -> dict:
+def _evaluate(model, tokenizer, recipe: PipelineRecipe, label: str) -> dict:
     cfg, results = recipe.eval, {}
     fingerprint = model_fingerprint(model)  # once for every held-out set
     for source in cfg.data:
         heldout = prepare_data(source, tokenizer, block_size=recipe.block_size).heldout
         r = cached_perplexity(model, heldout, context=cfg.context or recipe.block_size, max_blocks=cfg.max_blocks,
-                              batch_size=cfg.batch_size, progress=f"eval {source}", fingerprint=fingerprint)
+                              batch_size=cfg.batch_size, progress=f"held-out evaluation ({label}, {source})",
+                              fingerprint=fingerprint)
         results[source] = round(r["ppl"], 3)
     return results
 
@@ -75,8 +80,12 @@ def _speed(model, tokenizer, recipe: PipelineRecipe) -> dict:
 
 
 def with_code(stage_dir: Path, settings) -> Path:
-    """A training stage's `remote_code: true` writes its model's code beside it (`t2r.remote_code`)."""
-    if settings.remote_code:
+    """A training stage's `remote_code: true` writes its model's code beside it (`t2r.remote_code`), where the stage
+    is saved whole (the code is no use beside a delta, which only t2r reads)."""
+    if settings.remote_code and is_delta_dir(stage_dir):
+        log.warning("%s is saved as its changes over its parent stage: its code is not written (the final model "
+                    "gets it with --remote-code)", stage_dir)
+    elif settings.remote_code:
         write_remote_code(stage_dir)
     return stage_dir
 
@@ -93,13 +102,14 @@ class _Run:
                         "out": str(out)}
 
     def record(self, stage: str, model, **extra) -> None:
-        row = {"stage": stage, "ppl": _evaluate(model, self.tokenizer, self.recipe), **extra}
+        row = {"stage": stage, "ppl": _evaluate(model, self.tokenizer, self.recipe, stage), **extra}
         log.info("%s: held-out perplexity %s", stage, row["ppl"])
         self.results["stages"].append(row)
 
-    def stage(self, name: str, build: Callable[[Path, dict], None]) -> Path:
+    def stage(self, name: str, build: Callable[[Path, dict], None], parent: Path | None = None) -> Path:
         """OUT/<name>, reused as planned, or (re)built by `build(stage_dir, record)` (a training stage records
-        `record` in its checkpoints and resumes the interrupted run there) and then marked with its settings."""
+        `record` in its checkpoints and resumes the interrupted run there), saved as its changes over `parent` unless
+        it is the recipe's final model (`t2r.stages.delta`), and then marked with its settings."""
         stage_dir, action = self.out / name, self.plan[name]
         if action == "reuse":
             log.info("%s: reusing %s (made with the recipe's settings)", name, stage_dir)
@@ -109,7 +119,9 @@ class _Run:
         log.info("%s: %s %s", name, "resuming" if action == "resume" else "running", stage_dir)
         settings = stage_settings(self.recipe, name)
         build(stage_dir, {"pipeline": settings})
-        write_record(stage_dir, name, settings)
+        write_record(stage_dir, name, settings)  # first: a crash while it shrinks leaves a whole stage that loads
+        if parent is not None and name != final_stage(self.recipe) and not is_delta_dir(stage_dir):
+            rewrite_as_delta(stage_dir, parent)
         return stage_dir
 
     def converted(self):
@@ -122,13 +134,13 @@ class _Run:
 
         return self.stage("converted", build)
 
-    def distilled(self, student):
+    def distilled(self, student, parent: Path):
         settings = self.recipe.distill
         return with_code(self.stage("distill", lambda stage_dir, record: attention_transfer(
-            student, self.blocks, stage_dir, settings.train_config(), tokenizer=self.tokenizer,
-            attn_ce=settings.attn_ce, settings=record, resume=True)), settings)
+            student, self.blocks, stage_dir, without_end_evaluations(settings.train_config()),
+            tokenizer=self.tokenizer, attn_ce=settings.attn_ce, settings=record, resume=True), parent), settings)
 
-    def softmax_layers(self, student) -> tuple[Path | None, list[int]]:
+    def softmax_layers(self, student, parent: Path) -> tuple[Path | None, list[int]]:
         """OUT/softmax-layers and its softmax layers (auto: the worst after stage 1), or (None, []) if none."""
         how, layers = parse_keep_softmax(self.recipe.keep_softmax, len(adapter_for(student).decoder_layers(student)))
         if how == "auto" and layers:
@@ -142,13 +154,15 @@ class _Run:
             keep_softmax(student, layers)
             save(student, stage_dir, self.tokenizer)
 
-        return self.stage("softmax-layers", build), layers
+        return self.stage("softmax-layers", build, parent), layers
 
-    def finetuned(self, model, name: str, settings, teacher=None) -> Path:
-        """`model` finetuned by `settings` (stage 2's, or the reference's) into OUT/<name>."""
+    def finetuned(self, model, name: str, settings, teacher=None, parent: Path | None = None) -> Path:
+        """`model` finetuned by `settings` (stage 2's, or the reference's) into OUT/<name>, saved as its changes over
+        `parent` (None: whole)."""
         return with_code(self.stage(name, lambda stage_dir, record: finetune_model(
-            model, self.blocks, stage_dir, settings.train_config(), tokenizer=self.tokenizer,
-            method=Finetuning.of(settings, teacher), settings=record, resume=True)), settings)
+            model, self.blocks, stage_dir, without_end_evaluations(settings.train_config()),
+            tokenizer=self.tokenizer, method=Finetuning.of(settings, teacher), settings=record, resume=True),
+            parent), settings)
 
     def reference(self):
         """The KD teacher of stage 2: the original finetuned on the recipe's data when the recipe asks for it (also
@@ -158,7 +172,7 @@ class _Run:
         stage_dir = self.finetuned(copy.deepcopy(self.teacher), "teacher-finetune", self.recipe.teacher_finetune)
         finetuned = frozen(load_model(str(stage_dir))[0])
         self.results["reference"] = {"stage": "original finetuned (reference)", "dir": str(stage_dir),
-                                     "ppl": _evaluate(finetuned, self.tokenizer, self.recipe)}
+                                     "ppl": _evaluate(finetuned, self.tokenizer, self.recipe, "original finetuned")}
         log.info("original finetuned: held-out perplexity %s", self.results["reference"]["ppl"])
         return finetuned
 
@@ -175,22 +189,26 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, redo: Iterable[str]
     student = load(final_dir)
     run.record("after swap", student, dir=str(final_dir))
     if recipe.distill is not None:
-        final_dir = run.distilled(student)
+        final_dir = run.distilled(student, final_dir)
         student = load(final_dir)
         run.record("after stage 1 (attention transfer)", student, dir=str(final_dir))
-    stage_dir, layers = run.softmax_layers(student)
+    stage_dir, layers = run.softmax_layers(student, final_dir)
     if stage_dir is not None:
         final_dir, student = stage_dir, load(stage_dir)
         run.record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
     kd_teacher = run.reference()
     if recipe.finetune is not None:
-        final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher)
+        final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher, parent=final_dir)
         student = load(final_dir)
         run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
     results = run.results
     results["final_model"] = str(final_dir)
+    if is_delta_dir(final_dir):  # the final model is standalone (saved as changes only when a later stage was planned)
+        materialise_in_place(final_dir)
     results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
                              "student": _speed(student, run.tokenizer, recipe)}
+    results["disk"] = disk_use(out, active_stages(recipe))
+    log.info("%s", disk_summary(results["disk"]))
     write_json(out / "pipeline.json", results, default=str)
     write_text(out / "report.md", report_markdown(results))
     return results
@@ -234,4 +252,6 @@ def report_markdown(results: dict) -> str:
     lines += ["", f"The teacher's KV cache grows by {fmt_bytes(int(per_token))} per token "
               f"({fmt_bytes(int(per_token * 32768))} at 32,768 tokens); the student's linear layers keep a fixed "
               "state whatever the length (a window adds a fixed number of tokens, a softmax layer still grows)."]
+    if "disk" in results:
+        lines += disk_markdown(results["disk"])
     return "\n".join(lines) + "\n"

@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     mixed_precision: str = "no"  # no, bf16 or fp16 (accelerate's autocast; GPU only)
+    eval_ends: bool = True  # evaluate before the first step and after the last (a pipeline does that itself)
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -97,7 +98,7 @@ class TrainConfig:
     def resume_settings(self) -> dict:
         """What must match for a resumed run to end where the uninterrupted one would (progress/eval may change)."""
         return {k: v for k, v in asdict(self).items() if k not in ("progress", "eval_every", "eval_blocks",
-                                                                    "checkpoint_every")}
+                                                                    "checkpoint_every", "eval_ends")}
 
 
 def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:

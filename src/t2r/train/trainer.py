@@ -229,7 +229,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.tensorboard = _tensorboard(self.out) if acc.is_main_process else None
         with _Interrupts(acc) as interrupts, self._progress_bar() as bar:
-            if self.step == 0:
+            if self.step == 0 and self.config.eval_ends:
                 self.eval_before = self._evaluate(bar, "before training")
             while self.step < self.total_steps:
                 record = self._train_step()
@@ -245,7 +245,7 @@ class Trainer:
                     on_step(self.step, record)
                 if interrupts.requested():
                     self._stop()
-            eval_after = self._evaluate(bar, "after training")
+            eval_after = self._evaluate(bar, "after training") if self.config.eval_ends else None
         return self._finish(eval_after, time.perf_counter() - started)
 
     def _batch(self, micro: int) -> torch.Tensor:
