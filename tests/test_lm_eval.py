@@ -19,6 +19,7 @@ from t2r import lm_eval_bridge  # noqa: E402
 from t2r.cli.evaluation import EvalOptions  # noqa: E402
 from t2r.cli.evaluation import eval_command as run_eval  # noqa: E402
 from t2r.cli.evaluation import lm_eval_command as lm_eval
+from t2r.cli.models import DeviceSettings  # noqa: E402
 from t2r.cli.render import render_lm_eval  # noqa: E402
 from t2r.data import TokenBlocks  # noqa: E402
 from t2r.errors import T2RError  # noqa: E402
@@ -132,7 +133,8 @@ def test_lm_eval_in_bfloat16_is_near_float32(tiny_converted_dir, jsonl, original
     """--dtype bfloat16: the weights in bf16 (lm-eval's own loader for a directory, ours for --original), the
     recurrent state float32; the perplexity moves by bf16's rounding, not more."""
     fp32 = lm_eval(str(tiny_converted_dir), text=str(jsonl), context=CONTEXT, original=original)
-    bf16 = lm_eval(str(tiny_converted_dir), text=str(jsonl), context=CONTEXT, original=original, dtype="bfloat16")
+    bf16 = lm_eval(str(tiny_converted_dir), text=str(jsonl), context=CONTEXT, original=original,
+                  run=DeviceSettings(dtype="bfloat16"))
     assert bf16["dtype"] == "bfloat16"
     a, b = (r["results"]["t2r_text"]["bits_per_byte"] for r in (fp32, bf16))
     assert a != b and relative(b, a) < 0.05

@@ -221,10 +221,11 @@ def test_command_line_turns_bad_input_into_exit_code_2(tiny_converted_dir, monke
 
 def test_recall_command_runs_student_and_teacher(tiny_converted_dir, tiny_model_dir, tmp_path):
     from t2r.cli.recall import recall_command as recall
-    from t2r.cli.recall import render_recall
+    from t2r.cli.recall import GridSettings, render_recall
 
     pytest.importorskip("matplotlib")
-    r = recall(str(tiny_converted_dir), lengths="300,400", depths="0,1", samples=2, plot=str(tmp_path / "r.png"))
+    r = recall(str(tiny_converted_dir), grid=GridSettings(lengths="300,400", depths="0,1"), samples=2,
+               plot=str(tmp_path / "r.png"))
     assert r["which"] == "converted" and r["task"] == "passkey" and r["chance"] == 0.1
     for name in ("student", "teacher"):
         cells = r[name]["cells"]
@@ -233,9 +234,9 @@ def test_recall_command_runs_student_and_teacher(tiny_converted_dir, tiny_model_
     assert (tmp_path / "r.png").stat().st_size > 0
     table = render_recall(r)
     assert "converted" in table and "original" in table and "loglik" in table
-    m = recall(str(tiny_converted_dir), task="mqar", pairs="4", samples=1, teacher=False)
+    m = recall(str(tiny_converted_dir), task="mqar", grid=GridSettings(pairs="4"), samples=1, teacher=False)
     assert "teacher" not in m and [c["pairs"] for c in m["student"]["cells"]] == [4]
-    plain = recall(str(tiny_model_dir), lengths="300", depths="0.5", samples=1, teacher=False)
+    plain = recall(str(tiny_model_dir), grid=GridSettings(lengths="300", depths="0.5"), samples=1, teacher=False)
     assert plain["which"] == "plain" and "student" not in plain and len(plain["teacher"]["cells"]) == 1
     assert "model" in render_recall(plain) and "mqar" in render_recall(m)
     rc.plot_recall(m, tmp_path / "m.png")

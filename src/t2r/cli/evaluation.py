@@ -15,7 +15,7 @@ from ..errors import T2RError
 from ..io import check_writable
 from ..settings import Settings
 from ..tasks import AUSTEN_BLOCKS, TEXT_TASK
-from .models import check_language_model, load_with_teacher, torch_dtype
+from .models import DeviceSettings, check_language_model, load_with_teacher, torch_dtype
 
 # what needs torch or transformers is imported inside the function that uses it: `t2r --help` does not wait for it
 
@@ -210,7 +210,7 @@ def _finish(result: dict, options: EvalOptions, start: float) -> dict:
 
 def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = None, original: bool = False,
                     context: int = 512, limit: int | None = None, batch_size: int = 1,
-                    austen_blocks: int = AUSTEN_BLOCKS, device: str = "cpu", dtype: str = "float32",
+                    austen_blocks: int = AUSTEN_BLOCKS, run: DeviceSettings | None = None,
                     as_json: bool = False) -> dict:
     """Run lm-evaluation-harness on a model, with t2r imported and its local tasks available.
 
@@ -223,11 +223,12 @@ def lm_eval_command(model: str, *, tasks: str = TEXT_TASK, text: str | None = No
         limit: evaluate only the first N documents of each task.
         batch_size: windows per forward pass.
         austen_blocks: held-out Austen blocks of 512 tokens in the default text.
-        device: cpu, cuda, cuda:0, ...
-        dtype: weights in float32, bfloat16 or float16 (the recurrent state stays float32).
+        run: the device (cpu, cuda, cuda:N, auto) and the weights' dtype (float32, bfloat16 or float16; the
+            recurrent state stays float32).
         as_json: print the result as JSON.
     """
-    torch_dtype(dtype)  # an unknown name stops here, before lm-eval is imported
+    run = run or DeviceSettings()
+    device, dtype = run.torch_device(), run.dtype
     from ..lm_eval_bridge import austen_heldout_file, make_lm, require_lm_eval, task_metrics
     from ..tasks import TASKS_DIR
 

@@ -40,17 +40,11 @@ class SamplingSettings(Settings):
                         seed=self.seed)
 
 
-class SpeedSettings(Settings):
-    """How `t2r generate` runs the model: the weights' dtype, quantized weights, a compiled decode step."""
+class WeightsSettings(Settings):
+    """The dtype the model's weights are loaded in (`t2r lm-eval`, `t2r recall`; part of `SpeedSettings`)."""
 
     dtype: str = Field("float32", description="weights in float32, bfloat16 or float16 (the recurrent state stays "
                                               "float32).")
-    quantize: str = Field("none", description="none; int8: int8 weights and 8-bit activations (per token; the few "
-                                              "outlier channels float32) for every pretrained linear layer "
-                                              "(fastest, about 2% perplexity); fp16: 16-bit weights, float32 "
-                                              "activations (near lossless). CPU; the recurrent state stays float32.")
-    compile: bool = Field(False, description="compile the one-token decode step with torch.compile (inductor); "
-                                             "falls back to eager decoding, saying why, where it cannot.")
 
     @field_validator("dtype")
     @classmethod
@@ -58,6 +52,31 @@ class SpeedSettings(Settings):
         if value not in DTYPES:
             raise ValueError(f"is one of {', '.join(DTYPES)}, got {value!r}")
         return value
+
+
+class DeviceSettings(WeightsSettings):
+    """Where the model runs and in what dtype (`t2r lm-eval`, `t2r recall`)."""
+
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto: cuda where torch sees a GPU, else cpu.")
+
+    def torch_device(self) -> str:
+        """The device to use: "auto" resolved (torch imported here, once settings are read)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SpeedSettings(WeightsSettings):
+    """How `t2r generate` runs the model: the weights' dtype, quantized weights, a compiled decode step."""
+
+    quantize: str = Field("none", description="none; int8: int8 weights and 8-bit activations (per token; the few "
+                                              "outlier channels float32) for every pretrained linear layer "
+                                              "(fastest; +0.6% perplexity on SmolLM2); fp16: 16-bit weights, float32 "
+                                              "activations (near lossless). CPU; the recurrent state stays float32.")
+    compile: bool = Field(False, description="compile the one-token decode step with torch.compile (inductor); "
+                                             "falls back to eager decoding, saying why, where it cannot.")
 
     @field_validator("quantize")
     @classmethod

@@ -76,10 +76,10 @@ class Task:
 
 
 def make_accelerator(mixed_precision: str = "no"):
-    """An `Accelerator`; on a machine without GPUs it is told so, so that several CPU processes (torchrun) form a
-    gloo DDP group instead of each training alone. `mixed_precision` (bf16, fp16) needs a GPU."""
-    has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+    """An `Accelerator`, told when there is no GPU (so that CPU processes under torchrun form a gloo DDP group
+    instead of each training alone); `mixed_precision` (bf16, fp16) needs a GPU."""
     check_mixed_precision(mixed_precision)
+    has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
     if not has_device and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")
                               for k in ("FSDP", "DEEPSPEED")):
         log.warning("no GPU here: accelerate runs this FSDP / DeepSpeed configuration as plain DDP on the CPUs")
@@ -235,11 +235,10 @@ class Trainer:
                 record = self._train_step()
                 bar.update(self.tokens_per_step)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ppl") if k in record}, refresh=False)
-                if self.config.eval_every and self.step % self.config.eval_every == 0 \
-                        and self.step < self.total_steps:
+                last = self.step >= self.total_steps  # the end evaluates and saves on its own
+                if self.config.eval_every and self.step % self.config.eval_every == 0 and not last:
                     self._evaluate(bar, f"at step {self.step}")
-                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 \
-                        and self.step < self.total_steps:
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 and not last:
                     self._checkpoint()
                 if on_step is not None:
                     on_step(self.step, record)
