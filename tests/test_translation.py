@@ -95,6 +95,10 @@ def test_translate_command(converted_dir, capsys):
     assert main(["translate", str(converted_dir), "--src", "the file was saved", "--beam", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["converted"] and result["beam"] == 3 and isinstance(result["translation"], str)
+    assert main(["translate", str(converted_dir), "--src", "the file was saved", "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+    assert main(["translate", str(converted_dir), "--src", "x", "--dtype", "float8"]) == 2
+    assert "float32, bfloat16, float16" in capsys.readouterr().err
 
 
 def test_translate_matches_library_and_beam_1_is_greedy(converted_dir):

@@ -150,7 +150,7 @@ def eval_command(model: str, *, data: str = "austen", split: str = "heldout", co
     if options.bleu:
         from .translation import bleu_eval
 
-        return bleu_eval(model, data, split, options.beam, options.max_blocks, options.teacher)
+        return bleu_eval(model, data, split, options.beam, options.max_blocks, options.teacher, dtype)
     from ..evaluate import SPLITS
     from ..sources import load_model
 

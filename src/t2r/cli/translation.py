@@ -11,13 +11,14 @@ from pathlib import Path
 from ..errors import T2RError
 from ..io import write_text
 from ..parallel import load_pairs
-from .models import check_converted, load_any, load_with_teacher
+from .models import check_converted, load_any, load_with_teacher, torch_dtype
 
 log = logging.getLogger("t2r")
 # what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
 
 
-def translate_command(model: str, *, src: str, beam: int = 4, max_new_tokens: int = 0, as_json: bool = False) -> dict:
+def translate_command(model: str, *, src: str, beam: int = 4, max_new_tokens: int = 0, dtype: str = "float32",
+                      as_json: bool = False) -> dict:
     """Translate a sentence with an encoder-decoder model (converted: its decoder runs as an RNN).
 
     Args:
@@ -25,25 +26,29 @@ def translate_command(model: str, *, src: str, beam: int = 4, max_new_tokens: in
         src: the text to translate; a source longer than the encoder's positions is truncated, with a warning.
         beam: beam size (1: greedy).
         max_new_tokens: most tokens to generate (0: twice the source length plus 10).
+        dtype: weights in float32, bfloat16 or float16 (the decoder's recurrent state stays float32).
         as_json: print the result as JSON.
     """
     from ..adapters import is_converted
     from ..translation import check_translation_model, translate
 
-    loaded, tokenizer = load_any(model, translation=True)
+    torch_dtype(dtype)  # an unknown name stops before the model loads
+    loaded, tokenizer = load_any(model, dtype=dtype, translation=True)
     check_translation_model(loaded, "t2r translate")
     start = time.perf_counter()
     text = translate(loaded, tokenizer, [src], beam=beam, max_new_tokens=max_new_tokens or None)[0]
-    return {"model": model, "src": src, "translation": text, "beam": beam, "converted": is_converted(loaded),
+    return {"model": model, "src": src, "translation": text, "beam": beam, "dtype": dtype,
+            "converted": is_converted(loaded),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | None, teacher: bool) -> dict:
+def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | None, teacher: bool,
+              dtype: str = "float32") -> dict:
     """`t2r eval --bleu`: BLEU and chrF of the converted model's (and its original's) beam search on a split of
     parallel data."""
     from ..translation import check_translation_model, translation_scores
 
-    student, load_teacher, tokenizer = load_with_teacher(model, translation=True)
+    student, load_teacher, tokenizer = load_with_teacher(model, dtype=dtype, translation=True)
     check_translation_model(student if student is not None else load_teacher(), "--bleu")
     pairs = load_pairs(data, split)[:max_pairs]
     result = {"model": model, "data": data, "split": split, "sentences": len(pairs), "beam": beam, "bleu_eval": True}
