@@ -309,3 +309,27 @@ def test_hub_source_and_random_init_keep_the_converted_stage_whole(run, recipe, 
                  "--finetune", "null", "--keep_softmax", "null", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [(r["stage"], r["delta"]) for r in results["disk"]["stages"]] == [("converted", False), ("distill", False)]
+
+
+def test_a_loaded_source_is_read_from_memory_as_a_copy(tmp_path, source, tokenizer, monkeypatch):
+    """Inside `loaded_source` (the pipeline's original model), a stage over the source is rebuilt from that model's
+    tensors without loading the source again, as copies: training the rebuilt model leaves the original alone."""
+    from t2r.stages import source_root
+
+    stage, model = _converted_over_source(tmp_path, source, tokenizer, feature_map="t2r", feature_dim=8)
+    teacher = t2r.sources.load_model(str(source))[0]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    def no_load(spec):
+        raise AssertionError("the source was loaded again")
+
+    monkeypatch.setattr(source_root, "load_model", no_load)
+    with source_root.loaded_source(str(source), teacher):
+        rebuilt = t2r.load(stage)
+    assert torch.equal(_logits(rebuilt), _logits(model))
+    with torch.no_grad():
+        for param in rebuilt.parameters():
+            param.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(AssertionError, match="loaded again"):
+        t2r.load(stage)  # outside the block: from the source's files

@@ -45,7 +45,7 @@ from .recipes import DEFAULT_PROMPT, PipelineRecipe, parse_keep_softmax
 from .delta import is_delta_dir, materialise_in_place, rewrite_as_delta, rewrite_over_source
 from .disk import disk_markdown, disk_summary, disk_use, final_stage, without_end_evaluations
 from .records import active_stages, plan_stages, stage_settings, write_record
-from .source_root import source_reference
+from .source_root import loaded_source, source_reference
 
 log = logging.getLogger(__name__)
 
@@ -194,34 +194,35 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, redo: Iterable[str]
     plan = plan_stages(recipe, out, redo)  # before minutes of loading: a stage made otherwise stops the run here
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(recipe, out, plan)
-    run.record("original", run.teacher)
-    final_dir = run.converted()
-    student = load(final_dir)
-    run.record("after swap", student, dir=str(final_dir))
-    if recipe.distill is not None:
-        final_dir = run.distilled(student, final_dir)
+    with loaded_source(recipe.model, run.teacher):  # a stage over the source reads it from memory, not the file
+        run.record("original", run.teacher)
+        final_dir = run.converted()
         student = load(final_dir)
-        run.record("after stage 1 (attention transfer)", student, dir=str(final_dir))
-    stage_dir, layers = run.softmax_layers(student, final_dir)
-    if stage_dir is not None:
-        final_dir, student = stage_dir, load(stage_dir)
-        run.record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
-    kd_teacher = run.reference()
-    if recipe.finetune is not None:
-        final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher, parent=final_dir)
-        student = load(final_dir)
-        run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
-    results = run.results
-    results["final_model"] = str(final_dir)
-    if is_delta_dir(final_dir):  # the final model is standalone (saved as changes only when a later stage was planned)
-        materialise_in_place(final_dir)
-    results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
-                             "student": _speed(student, run.tokenizer, recipe)}
-    results["disk"] = disk_use(out, active_stages(recipe))
-    log.info("%s", disk_summary(results["disk"]))
-    write_json(out / "pipeline.json", results, default=str)
-    write_text(out / "report.md", report_markdown(results))
-    return results
+        run.record("after swap", student, dir=str(final_dir))
+        if recipe.distill is not None:
+            final_dir = run.distilled(student, final_dir)
+            student = load(final_dir)
+            run.record("after stage 1 (attention transfer)", student, dir=str(final_dir))
+        stage_dir, layers = run.softmax_layers(student, final_dir)
+        if stage_dir is not None:
+            final_dir, student = stage_dir, load(stage_dir)
+            run.record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
+        kd_teacher = run.reference()
+        if recipe.finetune is not None:
+            final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher, parent=final_dir)
+            student = load(final_dir)
+            run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
+        results = run.results
+        results["final_model"] = str(final_dir)
+        if is_delta_dir(final_dir):  # the final model is standalone (saved as changes only when a later stage was planned)
+            materialise_in_place(final_dir)
+        results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
+                                 "student": _speed(student, run.tokenizer, recipe)}
+        results["disk"] = disk_use(out, active_stages(recipe))
+        log.info("%s", disk_summary(results["disk"]))
+        write_json(out / "pipeline.json", results, default=str)
+        write_text(out / "report.md", report_markdown(results))
+        return results
 
 
 def report_markdown(results: dict) -> str:

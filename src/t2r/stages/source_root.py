@@ -23,14 +23,17 @@ converted stage stays whole (`source_reference` returns None for a hub id; the p
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import NotAT2RModelError, T2RError
-from ..sources import DEFAULT_MODEL, GEMMA3_MODEL, resolve
+from ..sources import DEFAULT_MODEL, GEMMA3_MODEL, load_model, resolve
 
 ALIASES = (DEFAULT_MODEL, GEMMA3_MODEL)  # recorded as typed: the wheel's file is found again wherever it is installed
+_LOADED: dict[str, torch.nn.Module] = {}  # source fingerprint -> the model loaded from it, inside `loaded_source`
 
 
 class StageSourceError(NotAT2RModelError):
@@ -75,6 +78,21 @@ def source_reference(spec: str | None) -> dict | None:
             "fingerprint": files_fingerprint(_files(source.kind, path))}
 
 
+@contextmanager
+def loaded_source(spec: str | None, model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, a stage over the source `spec` takes the source's tensors from `model` (already loaded from
+    it, unchanged: the pipeline's original model) instead of loading it again; they are copied and checked bit for
+    bit as a load's are."""
+    ref = source_reference(spec)
+    if ref is not None:
+        _LOADED[ref["fingerprint"]] = model
+    try:
+        yield
+    finally:
+        if ref is not None:
+            _LOADED.pop(ref["fingerprint"], None)
+
+
 def checked_source(stage_dir: Path, ref: dict) -> str:
     """The spec to load the source of the stage at `stage_dir` from, once its files are checked to be the ones the
     stage was saved against."""
@@ -99,10 +117,11 @@ def checked_source(stage_dir: Path, ref: dict) -> str:
 def source_tensors(stage_dir: Path, ref: dict) -> dict[str, torch.Tensor]:
     """The tensors the stage at `stage_dir` takes from its source: loaded as the pipeline loaded it, checked bit for
     bit against what the stage was saved with."""
-    from ..sources import load_model
-
-    model = load_model(checked_source(stage_dir, ref))[0]
-    tensors = {name: t for name, t in model.state_dict().items() if name in ref["bytes"]}
+    spec = checked_source(stage_dir, ref)
+    loaded = _LOADED.get(ref["fingerprint"])
+    model = loaded if loaded is not None else load_model(spec)[0]
+    tensors = {name: t.detach().clone() if loaded is not None else t for name, t in model.state_dict().items()
+               if name in ref["bytes"]}
     if set(tensors) != set(ref["bytes"]) or tensors_fingerprint(tensors, tensors) != ref["base_fingerprint"]:
         raise StageSourceError(f"{stage_dir}: its source model {ref['spec']!r} loads to other weights than when the "
                                "stage was saved (another transformers or gguf release?): redo the stage (`t2r "
