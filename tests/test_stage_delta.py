@@ -333,3 +333,17 @@ def test_a_loaded_source_is_read_from_memory_as_a_copy(tmp_path, source, tokeniz
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     with pytest.raises(AssertionError, match="loaded again"):
         t2r.load(stage)  # outside the block: from the source's files
+
+
+def test_a_converted_stage_that_becomes_the_final_model_is_materialised(run, recipe, source, capsys):
+    """Run again with the conversion alone: the converted stage (a delta over the source) is now the final model, so
+    it is saved whole, in place, to the same logits, and loads with the source gone."""
+    out, _ = run
+    before = _logits(t2r.load(out / "converted"))
+    assert main(["pipeline", "--config", str(recipe), "--out", str(out), "--distill", "null", "--finetune", "null",
+                 "--keep_softmax", "null", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["final_model"] == str(out / "converted") and not (out / "converted" / "delta.json").exists()
+    shutil.rmtree(source)
+    assert torch.equal(_logits(t2r.load(out / "converted")), before)
+    assert [(r["stage"], r["delta"]) for r in results["disk"]["stages"]] == [("converted", False)]
