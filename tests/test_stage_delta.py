@@ -18,10 +18,10 @@ from safetensors import safe_open
 import t2r
 from t2r.cli import main
 from t2r.attention import is_conversion_parameter
-from t2r.stages.delta import StageParentError, fingerprint, materialise, rewrite_over_source
+from t2r.stages.delta import StageParentError, fingerprint, materialise
 from t2r.stages.disk import final_stage
 from t2r.stages.recipes import PipelineRecipe
-from t2r.stages.source_root import StageSourceError, source_reference
+from t2r.stages.source_root import StageSourceError, rewrite_over_source, source_reference
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
@@ -347,3 +347,14 @@ def test_a_converted_stage_that_becomes_the_final_model_is_materialised(run, rec
     shutil.rmtree(source)
     assert torch.equal(_logits(t2r.load(out / "converted")), before)
     assert [(r["stage"], r["delta"]) for r in results["disk"]["stages"]] == [("converted", False)]
+
+
+def test_without_the_source_loader_a_source_delta_says_to_load_it_with_t2r(tmp_path, source, tokenizer, monkeypatch):
+    """`t2r.stages.delta` travels in the remote-code bundle, which cannot carry the source loader: there a stage
+    saved over its source is refused in one line, not read as a model with missing weights."""
+    from t2r.stages import delta
+
+    stage, _ = _converted_over_source(tmp_path, source, tokenizer, feature_map="t2r", feature_dim=8)
+    monkeypatch.setattr(delta, "ROOTS", {})
+    with pytest.raises(t2r.errors.NotAT2RModelError, match="saved as changes over its source model: load it with t2r"):
+        materialise(stage)

@@ -14,7 +14,10 @@ the converted classes' `from_pretrained` in `t2r.adapters.classes` calls `materi
 them, and builds the model from that. The parent's fingerprint (sha256 of its weight files and, for a delta, of its
 own parent's fingerprint) is checked first: a parent changed or deleted since is one line saying to redo the stage.
 The chain's root is a whole stage directory or, for the converted stage, the source model itself (`"source"` instead
-of `"parent"`: `t2r.stages.source_root`, which rebuilds it bit for bit or refuses).
+of `"parent"`): `t2r.stages.source_root` rebuilds that one (bit for bit, or refuses) and registers itself here as
+`ROOTS["source"]` when t2r registers its classes with transformers. This module is part of the remote-code bundle
+of `t2r.adapters.classes`, which may import only torch, transformers and safetensors: it cannot import the source
+loader itself.
 Everything read is safetensors (and the source, as `t2r.sources.load_model` reads it). A directory is turned into a delta in place (`rewrite_as_delta`) in steps that each
 leave a loadable model: delta.json first (the full weights, still there, overlay the parent with the same values),
 then delta.safetensors (written atomically), then the full weight files are removed.
@@ -26,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +38,6 @@ from safetensors.torch import save_file
 from ..errors import NotAT2RModelError
 from ..io import atomic_write, write_json
 from ..units import fmt_bytes
-from .source_root import source_tensors, with_base
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ DELTA = "delta.json"
 WEIGHTS = "delta.safetensors"
 FORMAT = "t2r-stage-delta/1"
 MAX_CHAIN = 16  # stages in one chain (a loop of parents is refused, not followed forever)
+# what a chain's root delta may name instead of a parent -> fn(stage_dir, its entry) -> the tensors it takes from it
+ROOTS: dict[str, Callable[[Path, dict], dict[str, torch.Tensor]]] = {}
 
 
 class StageParentError(NotAT2RModelError):
@@ -117,7 +122,10 @@ def materialise(path: str | Path) -> dict[str, torch.Tensor]:
                                     "redo the stage")
         source = read_delta(current).get("source")
         if source is not None:
-            tensors = source_tensors(current, source)
+            if "source" not in ROOTS:
+                raise NotAT2RModelError(f"{current} is saved as changes over its source model: load it with t2r "
+                                        "(`t2r.load`, or transformers after `import t2r`)")
+            tensors = ROOTS["source"](current, source)
             break
         current = parent_of(current)
     if tensors is None:
@@ -174,20 +182,12 @@ def rewrite_as_delta(stage_dir: str | Path, parent_dir: str | Path) -> dict:
     """Replace the full weights saved in `stage_dir` by the tensors that differ from `parent_dir`'s (a full or delta
     stage); returns {"tensors", "removed", "bytes"}. Every step leaves a directory that loads to the same model."""
     stage_dir, parent_dir = Path(stage_dir), Path(parent_dir)
-    return _rewrite(stage_dir, materialise(parent_dir), parent_dir.name, lambda own, changed: {
+    return rewrite(stage_dir, materialise(parent_dir), parent_dir.name, lambda own, changed: {
         "parent": os.path.relpath(parent_dir.resolve(), stage_dir.resolve()),
         "parent_fingerprint": fingerprint(parent_dir)})
 
 
-def rewrite_over_source(stage_dir: str | Path, ref: dict, source: dict[str, torch.Tensor]) -> dict:
-    """Replace the full weights saved in `stage_dir` by the tensors that differ from its source model's: `ref` is
-    `source_root.source_reference(spec)`, `source` the source's tensors as `t2r.sources.load_model` loaded them (the
-    pipeline's own copy; every later load rebuilds them from the source and checks them bit for bit)."""
-    return _rewrite(Path(stage_dir), source, ref["spec"], lambda own, changed: {
-        "source": with_base(ref, source, set(own) - set(changed))})
-
-
-def _rewrite(stage_dir: Path, parent: dict[str, torch.Tensor], parent_name: str, reference) -> dict:
+def rewrite(stage_dir: Path, parent: dict[str, torch.Tensor], parent_name: str, reference) -> dict:
     """`stage_dir` rewritten as its tensors that differ from `parent`, with `reference(own, changed)` (what names the
     parent) in its delta.json."""
     if is_delta_dir(stage_dir):

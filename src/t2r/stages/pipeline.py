@@ -42,10 +42,10 @@ from ..units import fmt_bytes
 from .distill import attention_transfer
 from .finetune import Finetuning, finetune_model, frozen
 from .recipes import DEFAULT_PROMPT, PipelineRecipe, parse_keep_softmax
-from .delta import is_delta_dir, materialise_in_place, rewrite_as_delta, rewrite_over_source
+from .delta import is_delta_dir, materialise_in_place, rewrite_as_delta
 from .disk import disk_markdown, disk_summary, disk_use, final_stage, without_end_evaluations
 from .records import active_stages, plan_stages, stage_settings, write_record
-from .source_root import loaded_source, source_reference
+from .source_root import loaded_source, rewrite_over_source, source_reference
 
 log = logging.getLogger(__name__)
 

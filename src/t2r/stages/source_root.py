@@ -18,6 +18,9 @@ is refused the same way instead of giving a slightly different model).
 Not every source can be a root: a hub id names a revision that can move and may need the network to load again, and a
 recipe with `init: random` replaces the source's weights by random draws (a delta would hold every tensor): such a
 converted stage stays whole (`source_reference` returns None for a hub id; the pipeline skips `init: random`).
+
+Importing this module registers `source_tensors` as `t2r.stages.delta.ROOTS["source"]` (t2r does so when it registers
+its classes with transformers); `delta` itself cannot import it (see there).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from ..errors import NotAT2RModelError, T2RError
 from ..sources import DEFAULT_MODEL, GEMMA3_MODEL, load_model, resolve
+from .delta import ROOTS, rewrite
 
 ALIASES = (DEFAULT_MODEL, GEMMA3_MODEL)  # recorded as typed: the wheel's file is found again wherever it is installed
 _LOADED: dict[str, torch.nn.Module] = {}  # source fingerprint -> the model loaded from it, inside `loaded_source`
@@ -130,8 +134,20 @@ def source_tensors(stage_dir: Path, ref: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
+ROOTS["source"] = source_tensors
+
+
 def with_base(ref: dict, tensors: dict[str, torch.Tensor], used) -> dict:
     """`ref` completed with what the stage takes from the source's `tensors`: the names `used`, their bytes and
     their fingerprint."""
     return {**ref, "base_fingerprint": tensors_fingerprint(tensors, used),
             "bytes": {name: tensors[name].numel() * tensors[name].element_size() for name in sorted(used)}}
+
+
+def rewrite_over_source(stage_dir: str | Path, ref: dict, source: dict[str, torch.Tensor]) -> dict:
+    """Replace the full weights saved in `stage_dir` by the tensors that differ from its source model's (the rest
+    as `t2r.stages.delta.rewrite_as_delta`): `ref` is `source_reference(spec)`, `source` the source's tensors as
+    `t2r.sources.load_model` loaded them (the pipeline's own copy; every later load rebuilds them from the source and
+    checks them bit for bit)."""
+    return rewrite(Path(stage_dir), source, ref["spec"], lambda own, changed: {
+        "source": with_base(ref, source, set(own) - set(changed))})
