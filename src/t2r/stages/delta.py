@@ -17,10 +17,10 @@ The chain's root is a whole stage directory or, for the converted stage, the sou
 of `"parent"`): `t2r.stages.source_root` rebuilds that one (bit for bit, or refuses) and registers itself here as
 `ROOTS["source"]` when t2r registers its classes with transformers. This module is part of the remote-code bundle
 of `t2r.adapters.classes`, which may import only torch, transformers and safetensors: it cannot import the source
-loader itself.
-Everything read is safetensors (and the source, as `t2r.sources.load_model` reads it). A directory is turned into a delta in place (`rewrite_as_delta`) in steps that each
-leave a loadable model: delta.json first (the full weights, still there, overlay the parent with the same values),
-then delta.safetensors (written atomically), then the full weight files are removed.
+loader itself. Everything read is safetensors (and the source, as `t2r.sources.load_model` reads it).
+A directory is turned into a delta in place (`rewrite_as_delta`, `source_root.rewrite_over_source`) in steps that
+each leave a loadable model: delta.json first (the full weights, still there, overlay the parent with the same
+values), then delta.safetensors (written atomically), then the full weight files are removed.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def fingerprint(path: str | Path) -> str:
     if is_delta_dir(path):
         meta = read_delta(path)
         source = meta.get("source")
-        h.update((source["fingerprint"] + source["base_fingerprint"] if source else meta["parent_fingerprint"]).encode())
+        key = source["fingerprint"] + source["base_fingerprint"] if source else meta["parent_fingerprint"]
+        h.update(key.encode())
     for file in weight_files(path):
         h.update(file.name.encode())
         with open(file, "rb") as fh:

@@ -214,7 +214,7 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, redo: Iterable[str]
             run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
         results = run.results
         results["final_model"] = str(final_dir)
-        if is_delta_dir(final_dir):  # the final model is standalone (saved as changes only when a later stage was planned)
+        if is_delta_dir(final_dir):  # the final model is standalone (saved as changes when a later stage was planned)
             materialise_in_place(final_dir)
         results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
                                  "student": _speed(student, run.tokenizer, recipe)}
