@@ -58,6 +58,7 @@ def register_with_transformers() -> None:
     """Register the converted model classes (`t2r_llama`, `t2r_gpt2`, ...) with transformers' Auto* factories.
     Happens by itself when transformers is imported; calling it again does nothing."""
     importlib.import_module(".adapters", __name__)
+    importlib.import_module(".stages.source_root", __name__)  # a stage saved over its source model loads too
 
 
 class _AfterTransformers(importlib.abc.Loader):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..train import TrainConfig
 from ..units import fmt_bytes
-from .delta import is_delta_dir, weight_files, whole_weight_bytes
+from .delta import is_delta_dir, read_delta, weight_files, whole_weight_bytes
 from .records import active_stages
 
 
@@ -47,10 +47,15 @@ def disk_use(out: Path, stages: list[str]) -> dict:
             continue
         stored, delta = dir_bytes(path), is_delta_dir(path)
         weights = sum(f.stat().st_size for f in weight_files(path))
-        rows.append({"stage": stage, "delta": delta, "bytes": stored,
+        rows.append({"stage": stage, "delta": delta, "over": _over(path) if delta else None, "bytes": stored,
                      "whole_bytes": stored - weights + whole_weight_bytes(path) if delta else stored})
     return {"stages": rows, "stages_bytes": sum(r["bytes"] for r in rows),
             "whole_bytes": sum(r["whole_bytes"] for r in rows), "run_bytes": dir_bytes(Path(out))}
+
+
+def _over(path: Path) -> str:
+    """What a delta stage is saved over: "source" (the source model) or "parent" (another stage)."""
+    return "source" if "source" in read_delta(path) else "parent"
 
 
 def disk_summary(disk: dict) -> str:
@@ -62,7 +67,7 @@ def disk_markdown(disk: dict) -> list[str]:
     """The report's disk section."""
     lines = ["", "## Disk use", "", "| stage | saved as | on disk | saved whole |", "|---|---|---|---|"]
     for row in disk["stages"]:
-        lines.append(f"| {row['stage']} | {'changes over its parent' if row['delta'] else 'whole'} | "
+        lines.append(f"| {row['stage']} | {'changes over its ' + row['over'] if row['delta'] else 'whole'} | "
                      f"{fmt_bytes(row['bytes'])} | {fmt_bytes(row['whole_bytes'])} |")
     lines.append(f"| **all stages** | | **{fmt_bytes(disk['stages_bytes'])}** | {fmt_bytes(disk['whole_bytes'])} |")
     lines += ["", f"The run directory (stages, reports, records) takes {fmt_bytes(disk['run_bytes'])} "

@@ -5,8 +5,10 @@ interrupted one from its checkpoint, when those settings equal the recipe's, and
 that differs (`--redo STAGE` redoes a stage and the stages built on it). Held-out evaluations are remembered on disk
 (`t2r.evaluate.cached_perplexity`, keyed by the weights and the tokens): recipes that share a model (every recipe's
 original-model row) or a rerun evaluate it once; the training stages leave their own evaluations before and after
-training to these. The converted stage and the final model are saved whole, a stage in between as its changes over
-the stage it was built on (`t2r.stages.delta`); the run's disk use is reported (`t2r.stages.disk`).
+training to these. The final model is saved whole, a stage before it as its changes over the stage it was built on
+(`t2r.stages.delta`), the converted stage as its changes over the source model where that can be rebuilt bit for bit
+(`t2r.stages.source_root`: a local GGUF file or HF directory, pretrained weights); the run's disk use is reported
+(`t2r.stages.disk`).
 
 `teacher_finetune` finetunes the original model on the recipe's data (it reads the same first tokens of the same
 seeded block order as the other stages) into OUT/teacher-finetune. It is the reference the RNN is measured against
@@ -43,6 +45,7 @@ from .recipes import DEFAULT_PROMPT, PipelineRecipe, parse_keep_softmax
 from .delta import is_delta_dir, materialise_in_place, rewrite_as_delta
 from .disk import disk_markdown, disk_summary, disk_use, final_stage, without_end_evaluations
 from .records import active_stages, plan_stages, stage_settings, write_record
+from .source_root import loaded_source, rewrite_over_source, source_reference
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +109,12 @@ class _Run:
         log.info("%s: held-out perplexity %s", stage, row["ppl"])
         self.results["stages"].append(row)
 
-    def stage(self, name: str, build: Callable[[Path, dict], None], parent: Path | None = None) -> Path:
+    def stage(self, name: str, build: Callable[[Path, dict], None], parent: Path | None = None,
+              over_source: bool = False) -> Path:
         """OUT/<name>, reused as planned, or (re)built by `build(stage_dir, record)` (a training stage records
-        `record` in its checkpoints and resumes the interrupted run there), saved as its changes over `parent` unless
-        it is the recipe's final model (`t2r.stages.delta`), and then marked with its settings."""
+        `record` in its checkpoints and resumes the interrupted run there), saved as its changes over `parent` (or,
+        `over_source`, over the source model where it can be rebuilt) unless it is the recipe's final model
+        (`t2r.stages.delta`), and then marked with its settings."""
         stage_dir, action = self.out / name, self.plan[name]
         if action == "reuse":
             log.info("%s: reusing %s (made with the recipe's settings)", name, stage_dir)
@@ -120,8 +125,12 @@ class _Run:
         settings = stage_settings(self.recipe, name)
         build(stage_dir, {"pipeline": settings})
         write_record(stage_dir, name, settings)  # first: a crash while it shrinks leaves a whole stage that loads
-        if parent is not None and name != final_stage(self.recipe) and not is_delta_dir(stage_dir):
+        if name == final_stage(self.recipe) or is_delta_dir(stage_dir):
+            return stage_dir
+        if parent is not None:
             rewrite_as_delta(stage_dir, parent)
+        elif over_source and (ref := source_reference(self.recipe.model)) is not None:  # None: a hub id, kept whole
+            rewrite_over_source(stage_dir, ref, self.teacher.state_dict())
         return stage_dir
 
     def converted(self):
@@ -132,7 +141,8 @@ class _Run:
             converted = convert(base, options.recipe(), seed=options.seed, convert_layers=options.convert_layers)
             save(converted, stage_dir, self.tokenizer)
 
-        return self.stage("converted", build)
+        # with init: random the base weights are random draws, not the source's: a delta would hold them all
+        return self.stage("converted", build, over_source=self.recipe.init == "pretrained")
 
     def distilled(self, student, parent: Path):
         settings = self.recipe.distill
@@ -184,34 +194,35 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, redo: Iterable[str]
     plan = plan_stages(recipe, out, redo)  # before minutes of loading: a stage made otherwise stops the run here
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(recipe, out, plan)
-    run.record("original", run.teacher)
-    final_dir = run.converted()
-    student = load(final_dir)
-    run.record("after swap", student, dir=str(final_dir))
-    if recipe.distill is not None:
-        final_dir = run.distilled(student, final_dir)
+    with loaded_source(recipe.model, run.teacher):  # a stage over the source reads it from memory, not the file
+        run.record("original", run.teacher)
+        final_dir = run.converted()
         student = load(final_dir)
-        run.record("after stage 1 (attention transfer)", student, dir=str(final_dir))
-    stage_dir, layers = run.softmax_layers(student, final_dir)
-    if stage_dir is not None:
-        final_dir, student = stage_dir, load(stage_dir)
-        run.record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
-    kd_teacher = run.reference()
-    if recipe.finetune is not None:
-        final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher, parent=final_dir)
-        student = load(final_dir)
-        run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
-    results = run.results
-    results["final_model"] = str(final_dir)
-    if is_delta_dir(final_dir):  # the final model is standalone (saved as changes only when a later stage was planned)
-        materialise_in_place(final_dir)
-    results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
-                             "student": _speed(student, run.tokenizer, recipe)}
-    results["disk"] = disk_use(out, active_stages(recipe))
-    log.info("%s", disk_summary(results["disk"]))
-    write_json(out / "pipeline.json", results, default=str)
-    write_text(out / "report.md", report_markdown(results))
-    return results
+        run.record("after swap", student, dir=str(final_dir))
+        if recipe.distill is not None:
+            final_dir = run.distilled(student, final_dir)
+            student = load(final_dir)
+            run.record("after stage 1 (attention transfer)", student, dir=str(final_dir))
+        stage_dir, layers = run.softmax_layers(student, final_dir)
+        if stage_dir is not None:
+            final_dir, student = stage_dir, load(stage_dir)
+            run.record(f"with softmax layers {layers}", student, dir=str(stage_dir), softmax_layers=layers)
+        kd_teacher = run.reference()
+        if recipe.finetune is not None:
+            final_dir = run.finetuned(student, "finetune", recipe.finetune, teacher=kd_teacher, parent=final_dir)
+            student = load(final_dir)
+            run.record("after stage 2 (finetuning)", student, dir=str(final_dir))
+        results = run.results
+        results["final_model"] = str(final_dir)
+        if is_delta_dir(final_dir):  # the final model is standalone (saved as changes when a later stage was planned)
+            materialise_in_place(final_dir)
+        results["generation"] = {"teacher": _speed(run.teacher, run.tokenizer, recipe),
+                                 "student": _speed(student, run.tokenizer, recipe)}
+        results["disk"] = disk_use(out, active_stages(recipe))
+        log.info("%s", disk_summary(results["disk"]))
+        write_json(out / "pipeline.json", results, default=str)
+        write_text(out / "report.md", report_markdown(results))
+        return results
 
 
 def report_markdown(results: dict) -> str:
