@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 import transformers
+import yaml
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "olmo2", "gemma3_text")
 SLIDING = ["sliding_attention", "sliding_attention", "full_attention"]  # Gemma 3's local, local, global pattern
@@ -121,3 +122,27 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+PRIDE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+         "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+         "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 12
+
+
+def write_tiny_recipe(folder, model, **finetune):
+    """folder/tiny.yaml: a pipeline recipe on `model` that runs in seconds (hedgehog + a 4-token window, 3 attention
+    transfer steps, one layer kept softmax, 2 LoRA + KD finetune steps; `finetune` overrides those) on PRIDE, written to
+    folder/text.txt."""
+    (folder / "text.txt").write_text(PRIDE)
+    recipe = {
+        "name": "tiny", "model": str(model), "data": str(folder / "text.txt"), "block_size": 64,
+        "convert": {"feature_map": "hedgehog", "feature_dim": 8, "window": 4},
+        "distill": {"steps": 3, "lr": 0.01, "eval_every": 0},
+        "keep_softmax": "auto:1",
+        "finetune": {"steps": 2, "lora": 2, "kd": 0.5, "eval_every": 0, **finetune},
+        "eval": {"data": [str(folder / "text.txt")], "context": 64, "max_blocks": 2},
+        "generate": {"prompt": "It is", "max_new_tokens": 4},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -12,30 +12,17 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import t2r
+from conftest import PRIDE, write_tiny_recipe
 from t2r.cli import main
 from t2r.stages.pipeline import worst_layers
 from t2r.stages.recipes import PipelineRecipe, RecipeFileError, parse_keep_softmax, shipped_recipes
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 12
+TEXT = PRIDE
 
 
 @pytest.fixture
 def recipe_file(tmp_path, tiny_model_dir):
-    (tmp_path / "text.txt").write_text(TEXT)
-    recipe = {
-        "name": "tiny", "model": str(tiny_model_dir), "data": str(tmp_path / "text.txt"), "block_size": 64,
-        "convert": {"feature_map": "hedgehog", "feature_dim": 8, "window": 4},
-        "distill": {"steps": 3, "lr": 0.01, "eval_every": 0},
-        "keep_softmax": "auto:1",
-        "finetune": {"steps": 2, "lora": 2, "kd": 0.5, "eval_every": 0},
-        "eval": {"data": [str(tmp_path / "text.txt")], "context": 64, "max_blocks": 2},
-        "generate": {"prompt": "It is", "max_new_tokens": 4},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_tiny_recipe(tmp_path, tiny_model_dir)
 
 
 def test_pipeline_end_to_end_and_resume(recipe_file, tmp_path, capsys):

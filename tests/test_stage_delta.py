@@ -12,10 +12,10 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 
 import t2r
+from conftest import PRIDE, write_tiny_recipe
 from t2r.cli import main
 from t2r.attention import is_conversion_parameter
 from t2r.stages.delta import StageParentError, fingerprint, materialise
@@ -23,9 +23,7 @@ from t2r.stages.disk import final_stage
 from t2r.stages.recipes import PipelineRecipe
 from t2r.stages.source_root import StageSourceError, rewrite_over_source, source_reference
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 12
+TEXT = PRIDE
 IDS = torch.tensor([[5, 9, 3, 17, 22, 8, 31, 4, 12, 40, 7, 2]])
 
 
@@ -47,19 +45,7 @@ def source(tmp_path, tiny_model_dir):
 
 @pytest.fixture
 def recipe(tmp_path, source):
-    (tmp_path / "text.txt").write_text(TEXT)
-    recipe = {
-        "name": "tiny", "model": str(source), "data": str(tmp_path / "text.txt"), "block_size": 64,
-        "convert": {"feature_map": "hedgehog", "feature_dim": 8, "window": 4},
-        "distill": {"steps": 3, "lr": 0.01, "eval_every": 0},
-        "keep_softmax": "auto:1",
-        "finetune": {"steps": 2, "lora": 2, "kd": 0.5, "eval_every": 0, "checkpoint_every": 1},
-        "eval": {"data": [str(tmp_path / "text.txt")], "context": 64, "max_blocks": 2},
-        "generate": {"prompt": "It is", "max_new_tokens": 4},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_tiny_recipe(tmp_path, source, checkpoint_every=1)
 
 
 @pytest.fixture
