@@ -144,3 +144,24 @@ def test_both_activation_ranges_match_the_twin(reduce_range, monkeypatch):
     x = torch.randn(3, 5, 64)
     got, ref = module(x), _slow_twin(module, linear, x)
     assert (got - ref).abs().max() < 1e-3 * (ref - linear(x)).abs().max() + 1e-5
+
+
+def test_the_int8_step_compiles_without_graph_breaks_and_decodes_the_same_tokens():
+    """torch.compile takes the int8 product as one custom op (t2r::int8_linear): the compiled one-token step has no
+    graph break and decodes exactly eager int8's greedy tokens."""
+    import torch._dynamo
+
+    from t2r.decode import decode
+    from t2r.step import compiled_decoder
+
+    model = t2r.convert(tiny_model("llama"), feature_map="hedgehog", feature_dim=8).eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    q = quantize(model, "int8", calibration=ids[:1])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    built = compiled_decoder(q)
+    assert built.compiled, built.reason
+    assert not torch._dynamo.utils.counters["graph_break"]
+    eager, _ = decode(q, ids, max_new_tokens=8)
+    compiled, _ = decode(built.model, ids, max_new_tokens=8)
+    assert torch.equal(eager, compiled)

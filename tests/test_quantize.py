@@ -95,19 +95,27 @@ def test_generate_command_with_int8(tiny_converted_dir):
     assert out["quantize"] == "int8" and out["new_tokens"] == 4 and isinstance(out["text"], str)
 
 
-def test_cli_flags(tiny_converted_dir, capsys):
+def test_cli_flags(tiny_converted_dir, capsys, tmp_path, tokenizer):
     import json
 
     import t2r.cli
 
     code = t2r.cli.main(["-q", "generate", str(tiny_converted_dir), "--prompt", "abc", "--max-new-tokens", "3",
+                         "--quantize", "fp16", "--compile", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["quantize"] == "fp16" and out["new_tokens"] == 3
+    # PyTorch's fp16 linears do not compile: --compile falls back to eager decoding and says why
+    assert out["compiled"] is False and "fp16" in out["compile_fallback"]
+    from t2r.step import compile_unavailable
+
+    assert "fp16" in compile_unavailable(_pair(mode="fp16")[1])
+    assert compile_unavailable(_pair(mode="int8")[1]) == ""  # t2r's int8 linear compiles (test_int8.py)
+    linear = tmp_path / "all-linear"  # (the fixture keeps a softmax layer, which the fixed-state step cannot hold)
+    t2r.save(t2r.convert(tiny_model("llama"), feature_map="hedgehog", feature_dim=8), linear, tokenizer)
+    code = t2r.cli.main(["-q", "generate", str(linear), "--prompt", "abc", "--max-new-tokens", "3",
                          "--quantize", "int8", "--compile", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["quantize"] == "int8" and out["new_tokens"] == 3
-    # quantized linears do not compile: --compile falls back to eager decoding and says why
-    assert out["compiled"] is False and "quantized" in out["compile_fallback"]
-    from t2r.step import compile_unavailable
-
-    assert "quantized" in compile_unavailable(_pair(mode="fp16")[1])
+    assert out["compiled"] is True, out.get("compile_fallback")
     code = t2r.cli.main(["generate", str(tiny_converted_dir), "--quantize", "int4"])
     assert code == 2 and "--quantize: is one of none, int8" in capsys.readouterr().err

@@ -19,6 +19,7 @@ dynamic int8 linear and by about 2% with both, at about 0.05x of the float32 ste
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,23 @@ import torch
 from torch import Tensor, nn
 
 OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s threshold on an input channel's largest |activation|
+
+
+# torch.compile cannot take PyTorch's packed int8 weights as an argument of a custom op, so the op gets a key into
+# this table (filled once per Int8Linear); traced through the op, the int8 product is one opaque call in the compiled
+# step instead of a graph break
+_PACKED: dict[int, object] = {}
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("t2r::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, key: int, out_features: int, reduce_range: bool) -> Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[key], reduce_range)
+
+
+@_int8_linear_op.register_fake
+def _(x: Tensor, key: int, out_features: int, reduce_range: bool) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @functools.cache
@@ -67,9 +85,13 @@ class Int8Linear(nn.Module):
         self.int8 = _int8_linear(weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.reduce_range = not full_range_activations()
+        self.key = next(_KEYS)  # a copy (deepcopy) keeps the key: the same weights
+        _PACKED[self.key] = self.int8._packed_params._packed_params
 
     def _int8(self, x: Tensor) -> Tensor:
-        # the module's own forward always reduces the range; the op it calls takes the choice
+        # the quantized module's own forward always reduces the range; the op it calls takes the choice
+        if torch.compiler.is_compiling():
+            return _int8_linear_op(x, self.key, self.out_features, self.reduce_range)
         return torch.ops.quantized.linear_dynamic(x, self.int8._packed_params._packed_params, self.reduce_range)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in)

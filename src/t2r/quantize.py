@@ -109,3 +109,10 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (Int8Linear, torch.ao.nn.quantized.dynamic.Linear)) for m in model.modules())
+
+
+def has_untraceable_linears(model: nn.Module) -> bool:
+    """Whether PyTorch's dynamically quantized linears (fp16) are in `model`: torch.compile breaks its graph at each.
+    t2r's int8 linear traces (one opaque op), the quantized module inside it included."""
+    inner = {id(m.int8) for m in model.modules() if isinstance(m, Int8Linear)}
+    return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) and id(m) not in inner for m in model.modules())

@@ -30,7 +30,7 @@ from .adapters.base import Adapter
 from .decode import decode
 from .errors import T2RError
 from .generate import GenerationResult, new_cache, prepare_tokenizer
-from .quantize import is_quantized
+from .quantize import has_untraceable_linears
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def compile_unavailable(model: nn.Module) -> str:
         return "inductor's CPU backend needs a C++ compiler (g++ or clang++) on PATH"
     if not has_state_step(model):
         return f"the {type(adapter_for(model)).__name__} family has no explicit-state decode step (llama, mistral, qwen2, qwen3 do)"
-    if is_quantized(model):
-        return ("its linears are quantized (--quantize), which torch.compile cannot trace (a graph break in every "
-                "layer, slower than eager int8 here)")
+    if has_untraceable_linears(model):
+        return ("its linears are fp16-quantized (--quantize fp16), which torch.compile cannot trace (a graph break in "
+                "every layer, slower than eager fp16 here); --quantize int8 compiles")
     kept = (getattr(model, "config", None) and model.config.t2r.get("keep_softmax_layers")) or ()
     if kept:
         return f"layers {list(kept)} keep softmax attention (a growing KV cache), which the fixed-state step cannot hold"
