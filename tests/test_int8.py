@@ -165,3 +165,21 @@ def test_the_int8_step_compiles_without_graph_breaks_and_decodes_the_same_tokens
     eager, _ = decode(q, ids, max_new_tokens=8)
     compiled, _ = decode(built.model, ids, max_new_tokens=8)
     assert torch.equal(eager, compiled)
+
+
+def test_the_compile_table_follows_the_modules_lifetime():
+    """Each live Int8Linear has its own entry in the table the compiled op reads; a copy gets its own, and an entry
+    goes when its module is collected (no weights kept for the process's life)."""
+    import gc
+
+    from t2r import int8
+
+    module = Int8Linear(_linear())
+    twin = copy.deepcopy(module)
+    assert twin.key != module.key and {module.key, twin.key} <= set(int8._PACKED)
+    x = torch.randn(2, 64)
+    assert torch.equal(twin(x), module(x))
+    key = module.key
+    del module
+    gc.collect()
+    assert key not in int8._PACKED and twin.key in int8._PACKED

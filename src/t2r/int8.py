@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -30,8 +31,8 @@ OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s threshold on an input channel's largest 
 
 
 # torch.compile cannot take PyTorch's packed int8 weights as an argument of a custom op, so the op gets a key into
-# this table (filled once per Int8Linear); traced through the op, the int8 product is one opaque call in the compiled
-# step instead of a graph break
+# this table (one entry per live Int8Linear, removed when it is garbage-collected; a copy gets its own); traced
+# through the op, the int8 product is one opaque call in the compiled step instead of a graph break
 _PACKED: dict[int, object] = {}
 _KEYS = itertools.count()
 
@@ -85,8 +86,16 @@ class Int8Linear(nn.Module):
         self.int8 = _int8_linear(weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.reduce_range = not full_range_activations()
-        self.key = next(_KEYS)  # a copy (deepcopy) keeps the key: the same weights
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)
         _PACKED[self.key] = self.int8._packed_params._packed_params
+        weakref.finalize(self, _PACKED.pop, self.key, None)
+
+    def __setstate__(self, state) -> None:  # copy.deepcopy / pickle: the copy's own weights under its own key
+        super().__setstate__(state)
+        self._register()
 
     def _int8(self, x: Tensor) -> Tensor:
         # the quantized module's own forward always reduces the range; the op it calls takes the choice
