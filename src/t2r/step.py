@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -168,6 +169,16 @@ def compile_unavailable(model: nn.Module) -> str:
     return ""
 
 
+def own_code(step: StateStep):
+    """`step.forward` as a function with a code object of its own. Dynamo keeps its compiled graphs, and their
+    guards, per code object: without this, every model's step shares one cache, and a new model's first call is checked
+    against guards that read modules it does not have (an int8 layer's buffers: a KeyError instead of a miss)."""
+    forward = StateStep.forward
+    fresh = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__,
+                               forward.__closure__)
+    return types.MethodType(fresh, step)
+
+
 def compiled_decoder(model: nn.Module, *, mode: str | None = None) -> CompiledDecoder:
     """The model with its one-token decode step compiled by `torch.compile` (inductor), checked by compiling and
     running one batch-1 step; on any failure, the model itself and the reason (logged), so a caller always decodes."""
@@ -177,7 +188,7 @@ def compiled_decoder(model: nn.Module, *, mode: str | None = None) -> CompiledDe
         return CompiledDecoder(model, False, reason, 0.0)
 
     def step_for(layout):
-        return torch.compile(StateStep(model, layout), mode=mode, dynamic=False)
+        return torch.compile(own_code(StateStep(model, layout)), mode=mode, dynamic=False)
 
     fast = StepModel(model, step_for)
     start = time.perf_counter()
