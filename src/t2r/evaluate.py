@@ -105,11 +105,16 @@ def model_fingerprint(model) -> str:
     """sha256 of everything a forward pass depends on: every tensor of the state dict (names, dtypes, shapes, bytes)
     and the t2r recipe (window, kept layers, ... are not weights)."""
     h = hashlib.sha256(json.dumps(getattr(model.config, "t2r", None), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    return hash_tensors(h, sorted(model.state_dict().items())).hexdigest()
+
+
+def hash_tensors(h, named):
+    """`h` updated with each (name, tensor) of `named`: its name, dtype, shape and bytes (bit for bit)."""
+    for name, tensor in named:
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
         h.update(flat.view(torch.uint8).numpy())
-    return h.hexdigest()
+    return h
 
 
 def cached_perplexity(model, blocks: torch.Tensor, *, context: int | None = None, batch_size: int = 4,

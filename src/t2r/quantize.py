@@ -6,8 +6,9 @@ with one scale per token, and the few outlier input channels found on calibratio
 What the conversion added (feature maps, mixer parameters) stays float32, and so does the recurrent state: the
 state update and read-out run in float32 exactly as before. Only the matrix-vector products with the big pretrained
 weights read a quarter (int8) or half (fp16) of the bytes, which is where a decode step spends most of its time.
-PyTorch's plain int8 linear (one activation scale per call, outliers included) cost a trained converted SmolLM2 160%
-of held-out perplexity; with per-token scales and float32 outliers it is about 2% (docs/RESULTS.md, issue 16).
+PyTorch's plain int8 linear (one activation scale per call, outliers included) cost a trained converted SmolLM2 169%
+of held-out perplexity; with per-token scales, 8-bit activations and float32 outliers it is 0.55% (docs/RESULTS.md,
+issue 16).
 
 Why this kernel: `benchmarks/quantize_kernels.py` on the 2-core EPYC VM at 1 thread, SmolLM2's shapes at batch 1:
 PyTorch's `quantize_dynamic` linear (fbgemm/x86, per-channel int8 weights) took 0.4-0.5x the float32 time for the
@@ -79,7 +80,7 @@ def quantize(model: nn.Module, mode: str = "int8", *, tokenizer=None, calibratio
     if mode == "int8":
         outliers = _outliers(model, names, tokenizer, calibration)
         for name in names:
-            _replace(model, name, Int8Linear(model.get_submodule(name), outliers.get(name)))
+            model.set_submodule(name, Int8Linear(model.get_submodule(name), outliers.get(name)))
         log.info("quantized %d linear layers to int8 (%s engine; %d outlier input channels kept in float32)",
                  len(names), engine, sum(len(c) for c in outliers.values()))
     else:
@@ -100,11 +101,6 @@ def _outliers(model: nn.Module, names: set[str], tokenizer, calibration) -> dict
                     "cost a language model much perplexity (pass tokenizer= or calibration=)")
         return {}
     return find_outliers(model, names, calibration)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def is_quantized(model: nn.Module) -> bool:

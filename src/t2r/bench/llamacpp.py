@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 NAME = "llama.cpp"
 MISSING = ("llama.cpp rows skipped: llama-cpp-python is not installed (pip install 't2r[llamacpp]'; it builds "
            "llama.cpp from source: 6 minutes on an idle 2-core machine, much longer on a busy one)")
-NOTE = ("llama.cpp through llama-cpp-python on the GGUF file as it is (its own quantization), batch 1, same threads; "
-        "its steps alternate with the torch models' steps of the same context; cache_bytes: its f16 KV cache "
-        "computed from the GGUF metadata")
+ALONE = ("llama.cpp through llama-cpp-python on the GGUF file as it is (its own quantization), batch 1, same "
+         "threads; cache_bytes: its f16 KV cache computed from the GGUF metadata")
+NOTE = ALONE + "; its steps alternate with the torch models' steps of the same context"  # in `t2r bench`
 
 
 def kv_bytes(metadata: dict, context: int, bytes_per_value: int = 2) -> int | None:
@@ -141,4 +141,4 @@ def llamacpp_rows(gguf: str, options: BenchSettings, threads: int | None = None)
         times, cpu = timed(runner.steps(options.warmup + options.decode_tokens))
         rows.append(row(runner, context, prefill, times[options.warmup:], cpu[options.warmup:]))
     runner.close()
-    return {"rows": rows, "threads": runner.threads, "gguf": str(gguf), "note": NOTE.split(";")[0]}
+    return {"rows": rows, "threads": runner.threads, "gguf": str(gguf), "note": ALONE}

@@ -72,6 +72,17 @@ def weight_files(path: str | Path) -> list[Path]:
     return sorted(Path(path).glob("*.safetensors"))
 
 
+def hash_files(files: list[Path], h=None):
+    """`h` (a new sha256 if None) updated with each file's name and bytes, read in 16 MiB pieces."""
+    h = h or hashlib.sha256()
+    for file in files:
+        h.update(file.name.encode())
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h
+
+
 def fingerprint(path: str | Path) -> str:
     """sha256 of a model directory's weights: its safetensors files (names and bytes) and, for a delta, its parent's
     recorded fingerprint, or its source's (so a chain is identified by its root's bytes and every delta's)."""
@@ -81,12 +92,7 @@ def fingerprint(path: str | Path) -> str:
         source = meta.get("source")
         key = source["fingerprint"] + source["base_fingerprint"] if source else meta["parent_fingerprint"]
         h.update(key.encode())
-    for file in weight_files(path):
-        h.update(file.name.encode())
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    return hash_files(weight_files(path), h).hexdigest()
 
 
 def parent_of(path: str | Path) -> Path:

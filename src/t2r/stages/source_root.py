@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from ..errors import NotAT2RModelError, T2RError
+from ..evaluate import hash_tensors
 from ..sources import DEFAULT_MODEL, GEMMA3_MODEL, load_model, resolve
-from .delta import ROOTS, rewrite
+from .delta import ROOTS, hash_files, rewrite
 
 ALIASES = (DEFAULT_MODEL, GEMMA3_MODEL)  # recorded as typed: the wheel's file is found again wherever it is installed
 _LOADED: dict[str, torch.nn.Module] = {}  # source fingerprint -> the model loaded from it, inside `loaded_source`
@@ -52,23 +53,12 @@ def _files(kind: str, path: Path) -> list[Path]:
 
 
 def files_fingerprint(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for file in files:
-        h.update(file.name.encode())
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    return hash_files(files).hexdigest()
 
 
 def tensors_fingerprint(tensors: dict[str, torch.Tensor], names) -> str:
     """sha256 of the named tensors: names, dtypes, shapes and bytes (float32 bytes: bit for bit)."""
-    h = hashlib.sha256()
-    for name in sorted(names):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return hash_tensors(hashlib.sha256(), ((name, tensors[name]) for name in sorted(names))).hexdigest()
 
 
 def source_reference(spec: str | None) -> dict | None:

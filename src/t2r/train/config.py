@@ -39,13 +39,16 @@ def parse_tokens(spec: str | int) -> int:
     return value
 
 
-def check_mixed_precision(mode: str) -> None:
-    """Refuse mixed precision where there is no GPU (torch is imported here: it is called once settings are read)."""
-    if mode == "no":
-        return
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or another accelerator); torch is imported here, once settings are read."""
     import torch
 
-    if not (hasattr(torch, "accelerator") and torch.accelerator.is_available()):
+    return hasattr(torch, "accelerator") and torch.accelerator.is_available()
+
+
+def check_mixed_precision(mode: str) -> None:
+    """Refuse mixed precision where there is no GPU."""
+    if mode != "no" and not has_accelerator():
         raise TrainError(f"--mixed-precision {mode} pays on a GPU, and there is none here: on a CPU bfloat16 "
                          "matmuls run 6-20x slower than float32 (and float16 has no fast CPU kernels): leave it out "
                          "to train in float32")

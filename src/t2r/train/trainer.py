@@ -49,7 +49,7 @@ from .checkpoint import (
     set_rng,
     truncate_metrics,
 )
-from .config import BlockStream, TrainConfig, check_mixed_precision, lr_factor
+from .config import BlockStream, TrainConfig, check_mixed_precision, has_accelerator, lr_factor
 from .plot import plot_metrics
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def make_accelerator(mixed_precision: str = "no"):
     """An `Accelerator`, told when there is no GPU (so that CPU processes under torchrun form a gloo DDP group
     instead of each training alone); `mixed_precision` (bf16, fp16) needs a GPU."""
     check_mixed_precision(mixed_precision)
-    has_device = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+    has_device = has_accelerator()
     if not has_device and any(os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")
                               for k in ("FSDP", "DEEPSPEED")):
         log.warning("no GPU here: accelerate runs this FSDP / DeepSpeed configuration as plain DDP on the CPUs")
