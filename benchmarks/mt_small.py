@@ -3,7 +3,9 @@ scratch on the gettext English -> German corpus (`t2r data gettext:de`) is the "
 token budget each,
   (a) the transformer itself (its budget: --teacher-tokens),
   (b) swap-then-finetune (the paper's recipe): convert, finetune every weight,
-  (c) attention transfer, then finetune (t2r's recipe), the transfer's target tokens counted in the budget,
+  (c) attention transfer, then finetune with distillation from the teacher (t2r's recipe: cross-entropy + --kd x
+      KL(teacher || student) per target token), the transfer's target tokens counted in the budget,
+and, to tell the two parts of (c) apart, (b) with the same distillation and (c) without it; and
   (d) the same RNN (converted architecture) trained from random initialisation,
 scored by sacrebleu BLEU and chrF of beam search (beam 4) on held-out sentences; and decode ms/token against source
 length for (a) and (c) (one greedy step with the cache, the source already read).
@@ -115,9 +117,10 @@ def main() -> None:
     parser.add_argument("--teacher-tokens", type=int, default=1_500_000, help="target tokens to train the teacher")
     parser.add_argument("--tokens", type=int, default=300_000, help="target tokens for each of (b), (c), (d)")
     parser.add_argument("--transfer-tokens", type=int, default=50_000, help="of --tokens, for (c)'s transfer")
+    parser.add_argument("--kd", type=float, default=0.5, help="(c)'s distillation weight (0: no KD rows)")
     parser.add_argument("--feature-map", default="t2r")
     parser.add_argument("--feature-dim", type=int, default=32)
-    parser.add_argument("--heldout", type=int, default=400, help="held-out sentences to score")
+    parser.add_argument("--heldout", type=int, default=0, help="held-out sentences to score (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lengths", default="8,32,128,512")
     args = parser.parse_args()
@@ -127,10 +130,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not is_parallel_dir(args.data):
         prepare_parallel("gettext:de", args.data)
-    train, heldout = load_pairs(args.data, "train"), load_pairs(args.data, "heldout")[: args.heldout]
+    train, heldout = load_pairs(args.data, "train"), load_pairs(args.data, "heldout")[: args.heldout or None]
     tokenizer = bpe_tokenizer(train, args.vocab, out / "tokenizer")
     common = dict(batch_size=args.batch_size, max_length=64)
-    finetune = PairTraining(tokens=args.tokens, lr=5e-4, **common)
     recipe = dict(feature_map=args.feature_map, feature_dim=args.feature_dim)
 
     def make_teacher():
@@ -142,17 +144,23 @@ def main() -> None:
 
     teacher, teacher_info = stage(out, "a_teacher", make_teacher)
 
-    def make_swap():
-        model = convert(copy.deepcopy(teacher), **recipe)
-        return model, train_pairs(model, tokenizer, train, finetune, on_step=progress("swap"))
+    def swap(kd: float):
+        def make():
+            model = convert(copy.deepcopy(teacher), **recipe)
+            settings = PairTraining(tokens=args.tokens, lr=5e-4, kd=kd, **common)
+            return model, train_pairs(model, tokenizer, train, settings, teacher=teacher, on_step=progress("swap"))
+        return make
 
-    def make_transfer():
-        model = convert(copy.deepcopy(teacher), **recipe)
-        transfer = PairTraining(tokens=args.transfer_tokens, lr=1e-2, **common)
-        info = {"transfer": transfer_attention(model, tokenizer, train, transfer, on_step=progress("transfer"))}
-        rest = PairTraining(tokens=args.tokens - args.transfer_tokens, lr=5e-4, **common)
-        info["finetune"] = train_pairs(model, tokenizer, train, rest, on_step=progress("transfer+ft"))
-        return model, info
+    def transfer(kd: float):
+        def make():
+            model = convert(copy.deepcopy(teacher), **recipe)
+            settings = PairTraining(tokens=args.transfer_tokens, lr=1e-2, **common)
+            info = {"transfer": transfer_attention(model, tokenizer, train, settings, on_step=progress("transfer"))}
+            rest = PairTraining(tokens=args.tokens - args.transfer_tokens, lr=5e-4, kd=kd, **common)
+            info["finetune"] = train_pairs(model, tokenizer, train, rest, teacher=teacher,
+                                           on_step=progress("transfer+ft"))
+            return model, info
+        return make
 
     def make_random():
         model = convert(reinitialize(copy.deepcopy(teacher), seed=1), **recipe)
@@ -160,9 +168,16 @@ def main() -> None:
                                   on_step=progress("random"))
 
     rows = {"(a) transformer (teacher)": (teacher, teacher_info)}
-    rows["(b) swap-then-finetune"] = stage(out, "b_swap_finetune", make_swap)
-    rows["(c) transfer + finetune"] = stage(out, "c_transfer_finetune", make_transfer)
+    rows["(b) swap-then-finetune"] = stage(out, "b_swap_finetune", swap(0.0))
+    if args.kd:
+        rows[f"(b) with KD {args.kd:g}"] = stage(out, f"b_swap_kd{args.kd:g}", swap(args.kd))
+        rows["(c) without KD"] = stage(out, "c_transfer_finetune", transfer(0.0))
+        rows[f"(c) transfer + finetune with KD {args.kd:g}"] = stage(out, f"c_transfer_kd{args.kd:g}",
+                                                                     transfer(args.kd))
+    else:
+        rows["(c) transfer + finetune"] = stage(out, "c_transfer_finetune", transfer(0.0))
     rows["(d) RNN from random init"] = stage(out, "d_random_init", make_random)
+    converted = [label for label in rows if label.startswith("(c)")][-1]
     results = {"args": vars(args), "train_pairs": len(train), "heldout_pairs": len(heldout), "rows": {}}
     for label, (model, info) in rows.items():
         log.info("scoring %s", label)
@@ -172,7 +187,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     results["decode_ms_per_token"] = {
         label: {n: round(decode_ms_per_token(rows[label][0], n), 3) for n in lengths}
-        for label in ("(a) transformer (teacher)", "(c) transfer + finetune")}
+        for label in ("(a) transformer (teacher)", converted)}
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     plot(results, lengths, out / "decode.png")
     print(table(results))

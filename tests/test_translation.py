@@ -1,9 +1,11 @@
 """The translation commands on a tiny random Marian model with a word-level tokenizer: `t2r convert` of a Marian
-directory, `t2r translate`, `t2r eval --bleu` (sacrebleu), `t2r finetune` on sentence pairs; the errors: --bleu on a
+directory, `t2r translate`, `t2r eval --bleu` (sacrebleu), `t2r finetune` on sentence pairs (also with --kd), `t2r distill` on
+sentence pairs (attention transfer); the errors: --bleu on a
 decoder-only model, a source longer than the encoder's positions (truncated with a warning)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -20,7 +22,11 @@ from t2r.translation import (
     PairTraining,
     bleu_chrf,
     check_translation_model,
+    encode_pairs,
     encode_sources,
+    pad_id_of,
+    pair_kd_loss,
+    pair_loss,
     train_pairs,
     transfer_attention,
     translate,
@@ -193,3 +199,90 @@ def test_language_model_commands_refuse_a_translation_model(converted_dir, tmp_p
     assert main([argv[0], str(converted_dir), *argv[1:]]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "weights" not in ln]
     assert len(err) == 1 and "translation (encoder-decoder) model" in err[0] and "t2r translate" in err[0]
+
+
+def test_kd_loss_against_a_token_by_token_twin():
+    tokenizer = word_tokenizer()
+    student, teacher = tiny_marian(len(tokenizer), seed=0), tiny_marian(len(tokenizer), seed=1)
+    batch = encode_pairs(tokenizer, PAIRS[:5], 32)
+    pad = pad_id_of(student, tokenizer)
+    ce, n = pair_loss(student, batch, pad)
+    loss, n_kd = pair_kd_loss(student, teacher, batch, pad, kd=0.7)
+    assert n_kd == n == sum(len(t) for _, t in batch)
+    kls = []  # one sentence at a time, F.kl_div per target token
+    for src, tgt in batch:
+        inputs = {"input_ids": torch.tensor([src]), "labels": torch.tensor([tgt]), "use_cache": False}
+        s, t = student(**inputs).logits[0], teacher(**inputs).logits[0]
+        for i in range(len(tgt)):
+            kls.append(torch.nn.functional.kl_div(s[i].log_softmax(-1), t[i].log_softmax(-1), log_target=True,
+                                                  reduction="sum"))
+    torch.testing.assert_close(loss, ce + 0.7 * torch.stack(kls).mean(), rtol=1e-5, atol=1e-6)
+    same, _ = pair_kd_loss(student, student, batch, pad, kd=3.0)  # no divergence from itself
+    torch.testing.assert_close(same, ce, rtol=1e-5, atol=1e-6)
+
+
+def test_kd_training_moves_the_student_toward_its_teacher():
+    tokenizer = word_tokenizer()
+    teacher = tiny_marian(len(tokenizer))
+    train_pairs(teacher, tokenizer, PAIRS, PairTraining(tokens=4000, batch_size=8, lr=3e-3))
+    batch, pad = encode_pairs(tokenizer, PAIRS[:5], 32), 0
+
+    def divergence(model):
+        with torch.no_grad():
+            return float(pair_kd_loss(model, teacher, batch, pad, kd=1.0)[0] - pair_loss(model, batch, pad)[0])
+
+    converted = convert(copy.deepcopy(teacher), feature_map="t2r", feature_dim=8)  # convert works in place
+    plain, distilled = copy.deepcopy(converted), copy.deepcopy(converted)
+    train_pairs(plain, tokenizer, PAIRS, PairTraining(tokens=3000, batch_size=8, lr=3e-3))
+    summary = train_pairs(distilled, tokenizer, PAIRS, PairTraining(tokens=3000, batch_size=8, lr=3e-3, kd=5.0),
+                          teacher=teacher)
+    assert summary["kd"] == 5.0
+    assert divergence(distilled) < divergence(converted) and divergence(distilled) < divergence(plain) / 2
+    student = distilled
+    with pytest.raises(T2RError, match="needs a teacher"):
+        train_pairs(student, tokenizer, PAIRS, PairTraining(tokens=100, kd=1.0))
+
+
+def test_finetune_on_pairs_with_kd_from_the_original(converted_dir, marian_dir, pairs_dir, tmp_path, capsys):
+    out = tmp_path / "kd"
+    assert main(["finetune", str(converted_dir), "--data", str(pairs_dir), "--tokens", "1k", "--batch-size", "8",
+                 "--lr", "3e-3", "--kd", "0.5", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kd"] == 0.5 and result["teacher"] is None and result["target_tokens"] >= 1000
+    assert main(["-q", "finetune", str(converted_dir), "--data", str(pairs_dir), "--tokens", "1k", "--kd", "0.5",
+                 "--teacher", str(marian_dir), "--out", str(tmp_path / "kd2"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["teacher"] == str(marian_dir)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "MARIAN"], "add --kd"),
+    (["--kd-top-k", "8", "--kd", "1"], "--kd-top-k"),
+    (["--kd", "1", "PLAIN"], "name one with --teacher"),
+])
+def test_finetune_on_pairs_refuses_bad_kd_settings(converted_dir, marian_dir, pairs_dir, tmp_path, capsys, args,
+                                                   message):
+    model = marian_dir if "PLAIN" in args else converted_dir
+    args = [str(marian_dir) if a == "MARIAN" else a for a in args if a != "PLAIN"]
+    assert main(["-q", "finetune", str(model), "--data", str(pairs_dir), "--tokens", "1k", *args, "--out",
+                 str(tmp_path / "x")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "weights" not in ln]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_distill_on_pairs_trains_only_the_feature_maps(converted_dir, marian_dir, pairs_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "transfer"
+    assert main(["distill", str(converted_dir), "--data", str(pairs_dir), "--tokens", "2k", "--batch-size", "8",
+                 "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["stage"] == "distill" and result["target_tokens"] >= 2000
+    losses = [json.loads(line)["transfer_mse"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == result["steps"] and sum(losses[-2:]) < sum(losses[:2])
+    before, after = load_file(converted_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".feature_map." in k for k in changed), sorted(changed)[:4]
+    assert main(["-q", "distill", str(marian_dir), "--data", str(pairs_dir), "--tokens", "1k", "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "converted translation model" in capsys.readouterr().err

@@ -126,6 +126,7 @@ class PairTraining:
     max_grad_norm: float = 1.0
     seed: int = 0
     max_length: int = 128
+    kd: float = 0.0  # weight of KL(teacher || student) per target token, added to the cross-entropy (needs a teacher)
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -137,15 +138,35 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> li
     return out
 
 
-def pair_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the target tokens of `batch` (teacher forcing: the model shifts the labels right to
-    make the decoder's inputs), and the number of target tokens."""
-    device = next(model.parameters()).device
+def pair_inputs(batch: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """The model's keyword inputs for teacher forcing on `batch`: padded sources, their mask, and the labels (-100 on
+    padding; the model shifts them right to make the decoder's inputs)."""
     src, mask = pad_batch([s for s, _ in batch], pad_id, device)
     labels, label_mask = pad_batch([t for _, t in batch], pad_id, device)
-    labels = labels.masked_fill(label_mask == 0, -100)
-    out = model(input_ids=src, attention_mask=mask, labels=labels, use_cache=False)
-    return out.loss, int(label_mask.sum())
+    return {"input_ids": src, "attention_mask": mask, "labels": labels.masked_fill(label_mask == 0, -100),
+            "use_cache": False}
+
+
+def pair_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the target tokens of `batch` (teacher forcing), and the number of target tokens."""
+    inputs = pair_inputs(batch, pad_id, next(model.parameters()).device)
+    return model(**inputs).loss, int((inputs["labels"] != -100).sum())
+
+
+def pair_kd_loss(model: nn.Module, teacher: nn.Module, batch: list[tuple[list[int], list[int]]], pad_id: int,
+                 kd: float) -> tuple[torch.Tensor, int]:
+    """Cross-entropy + kd x KL(teacher || student) of the next-token distributions, both means over the target
+    tokens of `batch` (word-level distillation; the teacher reads the same source and target prefix, without
+    gradients), and the number of target tokens."""
+    inputs = pair_inputs(batch, pad_id, next(model.parameters()).device)
+    out = model(**inputs)
+    with torch.no_grad():
+        teacher_logits = teacher(**inputs).logits
+    keep = inputs["labels"] != -100  # (B, T)
+    student = out.logits[keep].float().log_softmax(-1)  # (N, V)
+    target = teacher_logits[keep].float().log_softmax(-1)  # (N, V)
+    kl = (target.exp() * (target - student)).sum(-1).mean()
+    return out.loss + kd * kl, int(keep.sum())
 
 
 def lr_at(step: int, steps: int, settings: PairTraining) -> float:
@@ -196,17 +217,28 @@ def _optimise(model, params, data, settings: PairTraining, loss_of, on_step) -> 
 
 
 def train_pairs(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], settings: PairTraining, *,
-                on_step=None) -> dict:
-    """Train every parameter of `model` on `pairs` (teacher-forced cross-entropy on target tokens) until
+                teacher: nn.Module | None = None, on_step=None) -> dict:
+    """Train every parameter of `model` on `pairs` (teacher-forced cross-entropy on target tokens; with
+    `settings.kd`, plus that weight times the KL divergence from `teacher`'s next-token distributions) until
     `settings.tokens` target tokens have been seen (the learning-rate schedule spans the steps that budget is
     expected to take); shuffled by `settings.seed`, batches of similar lengths. `on_step(step, loss, tokens)` is
     called after each optimizer step. Returns a summary."""
     check_translation_model(model, "training on sentence pairs")
+    if settings.kd and teacher is None:
+        raise T2RError("distillation (kd) needs a teacher model")
+    if teacher is not None:
+        check_translation_model(teacher, "the distillation teacher")
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise T2RError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the student's "
+                           f"({model.config.vocab_size}): distil from a model with the same tokenizer")
+        teacher.eval()
     data, pad = encode_pairs(tokenizer, pairs, settings.max_length), pad_id_of(model, tokenizer)
+    loss_of = (lambda batch: pair_kd_loss(model, teacher, batch, pad, settings.kd)) if settings.kd else \
+        (lambda batch: pair_loss(model, batch, pad))
     model.train()
     try:
-        return _optimise(model, [p for p in model.parameters() if p.requires_grad], data, settings,
-                         lambda batch: pair_loss(model, batch, pad), on_step)
+        return {**_optimise(model, [p for p in model.parameters() if p.requires_grad], data, settings, loss_of,
+                            on_step), "kd": settings.kd}
     finally:
         model.eval()
 

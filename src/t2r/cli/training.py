@@ -12,7 +12,7 @@ from ..parallel import is_parallel_dir, is_parallel_source, prepare_parallel
 from ..stages.recipes import read_recipe
 from ..train.settings import DistillSettings, FinetuneSettings
 from .models import check_converted, load_any, load_converted
-from .translation import finetune_pairs
+from .translation import distill_pairs, finetune_pairs
 
 # what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
 
@@ -52,7 +52,7 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
 
     Args:
         model: directory of a converted model (from `t2r convert`).
-        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder.
+        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder; for a converted translation model, sentence pairs (a folder from `t2r data parallel:...`, or a parallel:/gettext: source): its decoder self- and cross-attention learn to imitate softmax, --batch-size pairs per step (default 32), --lr default 1e-2, no checkpoints.
         options: the training settings, as a recipe's `distill:` takes them.
         out: run directory: metrics.jsonl, checkpoint/, then the final model.
         block_size: tokens per block; unset: the prepared folder's, else 512.
@@ -61,6 +61,8 @@ def distill_command(model: str, *, data: str = "austen", options: DistillSetting
         progress: show a progress bar on stderr.
         as_json: print the result as JSON.
     """
+    if is_parallel_source(data) or is_parallel_dir(data):  # a translation model on sentence pairs
+        return distill_pairs(model, data, options, out, overwrite)
     from ..stages.distill import attention_transfer, load_training_data
     from ..train.checkpoint import check_run_dir
 
@@ -87,7 +89,7 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
 
     Args:
         model: directory of a converted model (e.g. from `t2r distill`); a plain model also works (a baseline).
-        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder; for a translation model, sentence pairs (a folder from `t2r data parallel:...`, or a parallel:/gettext: source): teacher-forced cross-entropy on the target tokens, --batch-size pairs per step, no checkpoints.
+        data: training text: austen, kjv, pydocs, mix, a folder from `t2r data`, a text/.jsonl file or folder; for a translation model, sentence pairs (a folder from `t2r data parallel:...`, or a parallel:/gettext: source): teacher-forced cross-entropy on the target tokens (+ --kd: KL from the teacher, by default the converted model's original), --batch-size pairs per step (default 32), no checkpoints.
         options: the training settings, as a recipe's `finetune:` takes them.
         teacher: teacher model for --kd (HF directory, GGUF file); default: the student's own original model.
         out: run directory: metrics.jsonl, checkpoint/, then the final model.
@@ -98,7 +100,7 @@ def finetune_command(model: str, *, data: str = "austen", options: FinetuneSetti
         as_json: print the result as JSON.
     """
     if is_parallel_source(data) or is_parallel_dir(data):  # a translation model on sentence pairs
-        return finetune_pairs(model, data, options, out, overwrite)
+        return finetune_pairs(model, data, options, out, overwrite, teacher)
     from ..stages.distill import load_training_data
     from ..stages.finetune import Finetuning, check_same_tokenizer, check_same_vocabulary, finetune_model
     from ..train.checkpoint import check_run_dir

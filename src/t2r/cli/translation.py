@@ -14,6 +14,7 @@ from ..parallel import load_pairs
 from .models import check_converted, load_any, load_with_teacher, torch_dtype
 
 log = logging.getLogger("t2r")
+PAIR_BATCH = 32  # sentence pairs per step unless --batch-size says otherwise
 # what needs torch or transformers is imported inside the command that uses it: `t2r --help` does not wait for it
 
 
@@ -61,12 +62,37 @@ def bleu_eval(model: str, data: str, split: str, beam: int, max_pairs: int | Non
     return result
 
 
-def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) -> dict:
-    """`t2r finetune` on parallel data: teacher-forced cross-entropy on the target tokens, every weight trained;
-    the model is written to `out` at the end (no checkpoints or --resume here; with its code if `options.remote_code`)."""
-    if options.lora or options.kd:
-        raise T2RError("finetuning on sentence pairs trains every weight with cross-entropy: --lora and --kd are "
-                       "for language models")
+def pair_batch_size(options) -> int:
+    """Sentence pairs per step: --batch-size when given, else 32 (the language-model default, 1 block, is far too
+    few sentences)."""
+    return options.batch_size if "batch_size" in options.model_fields_set else PAIR_BATCH
+
+
+def pair_teacher(student, teacher: str | None, kd: float):
+    """The teacher of `t2r finetune --kd` on sentence pairs: --teacher (a model with the student's tokenizer), else
+    the converted student's own original (its softmax model rebuilt from the weights it was given); None without
+    --kd."""
+    from ..adapters import is_converted, original_model
+
+    if not kd:
+        if teacher is not None:
+            raise T2RError("--teacher is used only for distillation: add --kd WEIGHT (e.g. --kd 0.5)")
+        return None
+    if teacher is not None:
+        return load_any(teacher, translation=True)[0]
+    if not is_converted(student):
+        raise T2RError("--kd distils from a teacher: finetune a converted model (its original is the teacher) or "
+                       "name one with --teacher DIR")
+    return original_model(student)
+
+
+def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool, teacher: str | None = None) -> dict:
+    """`t2r finetune` on parallel data: teacher-forced cross-entropy on the target tokens (+ --kd x KL from the
+    teacher's next-token distributions), every weight trained; the model is written to `out` at the end (no
+    checkpoints or --resume here; with its code if `options.remote_code`)."""
+    if options.lora or options.kd_top_k:
+        raise T2RError("finetuning on sentence pairs trains every weight with a live teacher: --lora and "
+                       "--kd-top-k are for language models")
     from ..persistence import save
     from ..train.checkpoint import check_run_dir
     from ..translation import PairTraining, check_translation_model, heldout_loss, train_pairs
@@ -76,16 +102,41 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool) ->
     check_translation_model(student, "finetuning on sentence pairs")
     if options.remote_code:
         check_converted(student, model)
+    teacher_model = pair_teacher(student, teacher, options.kd)
     train, heldout = load_pairs(data, "train"), load_pairs(data, "heldout")
-    settings = PairTraining(tokens=options.tokens, batch_size=options.batch_size, lr=options.lr or 3e-4,
+    settings = PairTraining(tokens=options.tokens, batch_size=pair_batch_size(options), lr=options.lr or 3e-4,
                             warmup=options.warmup, min_lr=options.min_lr, weight_decay=options.weight_decay,
-                            max_grad_norm=options.max_grad_norm, seed=options.seed)
+                            max_grad_norm=options.max_grad_norm, seed=options.seed, kd=options.kd)
     before = heldout_loss(student, tokenizer, heldout)
     metrics: list[str] = []
-    summary = train_pairs(student, tokenizer, train, settings, on_step=lambda step, loss, seen: metrics.append(
-        json.dumps({"step": step, "loss": round(loss, 5), "target_tokens": seen})))
+    summary = train_pairs(student, tokenizer, train, settings, teacher=teacher_model,
+                          on_step=lambda step, loss, seen: metrics.append(
+                              json.dumps({"step": step, "loss": round(loss, 5), "target_tokens": seen})))
     after = heldout_loss(student, tokenizer, heldout)
     save(student, out, tokenizer, overwrite=overwrite, remote_code=options.remote_code)
     write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
-    return {"model": model, "data": data, "stage": "finetune", "pairs": len(train), **summary,
+    return {"model": model, "data": data, "stage": "finetune", "pairs": len(train), "teacher": teacher, **summary,
             "heldout_loss_before": round(before, 4), "heldout_loss_after": round(after, 4), "out": out}
+
+
+def distill_pairs(model: str, data: str, options, out: str, overwrite: bool) -> dict:
+    """`t2r distill` on parallel data: attention transfer for a converted translation model (its feature maps learn
+    to give each decoder self- and cross-attention's softmax output on the model's own inputs, teacher forcing;
+    every other weight unchanged); written to `out` at the end (no checkpoints or --resume here)."""
+    from ..persistence import save
+    from ..train.checkpoint import check_run_dir
+    from ..translation import PairTraining, transfer_attention
+
+    check_run_dir(Path(out), resume=False, overwrite=overwrite)
+    student, tokenizer = load_any(model, translation=True)
+    train = load_pairs(data, "train")
+    settings = PairTraining(tokens=options.tokens, batch_size=pair_batch_size(options),
+                            lr=options.lr if "lr" in options.model_fields_set else 1e-2,
+                            warmup=options.warmup, min_lr=options.min_lr, weight_decay=options.weight_decay,
+                            max_grad_norm=options.max_grad_norm, seed=options.seed)
+    metrics: list[str] = []
+    summary = transfer_attention(student, tokenizer, train, settings, on_step=lambda step, loss, seen: metrics.append(
+        json.dumps({"step": step, "transfer_mse": round(loss, 6), "target_tokens": seen})))
+    save(student, out, tokenizer, overwrite=overwrite, remote_code=options.remote_code)
+    write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
+    return {"model": model, "data": data, "stage": "distill", "pairs": len(train), **summary, "out": out}
