@@ -224,6 +224,32 @@ def test_transfer_reference_is_the_original_biased_attention():
         assert rel(cross_attentions(model)[1].o(reference.flatten(2)), expected) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["t5", "umt5", "marian"])
+def test_transfer_pair_takes_the_call_the_module_got(family):
+    """Each converted attention's `transfer_pair(*args, **kwargs)`, given exactly what the model's forward handed the
+    module (hidden states, mask, encoder states under the family's own keyword, cache, position bias), gives the linear
+    output and the softmax reference, padded source tokens left out of both."""
+    from test_seq2seq import tiny_seq2seq
+
+    model = convert(tiny_seq2seq(family) if family == "marian" else tiny_t5(family), feature_map="t2r",
+                    feature_dim=16).eval()
+    modules = [m for m in model.modules() if hasattr(m, "transfer_pair")]
+    calls = {}
+    for m in modules:
+        m.register_forward_pre_hook(lambda mod, args, kwargs: calls.__setitem__(mod, (args, kwargs)), with_kwargs=True)
+    src, mask, tgt = batch(pad=4)
+    with torch.no_grad():
+        model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt, use_cache=False)
+        other = src.masked_fill(mask == 0, 7)  # other tokens where the source is padded
+        pairs = {m: m.transfer_pair(*args, **kwargs) for m, (args, kwargs) in calls.items()}
+        model(input_ids=other, attention_mask=mask, decoder_input_ids=tgt, use_cache=False)
+        again = {m: m.transfer_pair(*args, **kwargs) for m, (args, kwargs) in calls.items()}
+    assert len(pairs) == len(modules) == 2 * len(adapter_for(model).decoder_layers(model))  # self + cross
+    for m, (linear, reference) in pairs.items():
+        assert linear.shape == reference.shape and torch.isfinite(reference).all()
+        assert rel(again[m][0], linear) < 1e-5 and rel(again[m][1], reference) < 1e-5
+
+
 def test_attention_transfer_and_training_on_pairs():
     """transfer_attention trains only the feature maps and lowers its loss; train_pairs then teaches the pairs."""
     tokenizer = word_tokenizer()

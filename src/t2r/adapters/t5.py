@@ -137,6 +137,9 @@ class T5CrossAttention(T5Projections, CrossLinearAttention):
     def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None, *, mask=None,
                       encoder_hidden_states=None, **kwargs):
         source = key_value_states if key_value_states is not None else encoder_hidden_states
+        if source is None:  # UMT5 names the source `encoder_hidden_states`: the caller must hand on the call's kwargs
+            raise UnsupportedModelError("attention transfer got no encoder states for this cross-attention: pass "
+                                        "transfer_pair the keywords the module was called with")
         return super().transfer_pair(hidden_states, source, attention_mask if attention_mask is not None else mask)
 
 
