@@ -60,7 +60,7 @@ def test_every_registered_family_is_covered():
 def test_unknown_family_is_refused_with_the_supported_ones():
     config = transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                     num_attention_heads=2, max_position_embeddings=32)
-    known = "bart, gemma3_text, gpt2, llama, marian, mistral, olmo2, phi3, qwen2, qwen3"
+    known = "bart, gemma3_text, gpt2, llama, marian, mistral, mt5, olmo2, phi3, qwen2, qwen3, t5, umt5"
     with pytest.raises(UnsupportedModelError, match=f"no t2r adapter for model type 'opt'.*supported: {known}$"):
         adapter_for(transformers.OPTForCausalLM(config))
     with pytest.raises(UnsupportedModelError, match=f"supported: {known}$"):

@@ -20,6 +20,7 @@ import transformers
 from conftest import byte_tokenizer, tiny_model
 from safetensors.torch import save_file
 from test_seq2seq import tiny_seq2seq
+from test_t5 import tiny_t5
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 import t2r
@@ -89,11 +90,14 @@ CASES = {
     "llama-gla-softmax-layer": ("llama", dict(feature_map="elu", mixer="gla", keep_softmax_layers=(1,))),
     "gpt2-t2r-gated-delta": ("gpt2", dict(feature_map="t2r", feature_dim=8, mixer="gated_delta", window=4)),
     "marian-t2r": ("marian", dict(feature_map="t2r", feature_dim=8)),
+    "t5-t2r-softmax-block": ("t5", dict(feature_map="t2r", feature_dim=8, keep_softmax_layers=(1,))),
 }
+T5_FAMILIES = ("t5", "mt5", "umt5")
 
 
 def converted(family: str, recipe: dict):
-    model = tiny_seq2seq(family) if family == "marian" else tiny_model(family, vocab_size=len(byte_tokenizer()))
+    model = tiny_seq2seq(family) if family == "marian" else tiny_t5(family) if family in T5_FAMILIES else \
+        tiny_model(family, vocab_size=len(byte_tokenizer()))
     return t2r.convert(model, **recipe).eval()
 
 
@@ -151,11 +155,12 @@ def test_a_fresh_process_without_t2r_loads_it_with_the_same_logits_and_tokens(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text", "bart"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma3_text", "bart", "mt5", "umt5"])
 def test_every_other_family_loads_without_t2r(tmp_path, family):
     """The families the fast cases above leave out (about 7 s each): the same load in a process without t2r."""
-    model = tiny_seq2seq(family) if family == "bart" else tiny_model(family, vocab_size=len(byte_tokenizer()))
-    recipe = {} if family == "bart" else {"mixer": "gated_delta", "window": 4}
+    model = tiny_seq2seq(family) if family == "bart" else tiny_t5(family) if family in T5_FAMILIES else \
+        tiny_model(family, vocab_size=len(byte_tokenizer()))
+    recipe = {} if family in ("bart", *T5_FAMILIES) else {"mixer": "gated_delta", "window": 4}
     model = t2r.convert(model, feature_map="hedgehog", feature_dim=8, **recipe).eval()
     out = t2r.save(model, tmp_path / "rnn", remote_code=True)
     reference(model, tmp_path / "ref.safetensors")
@@ -235,7 +240,7 @@ def without_imports(text: str) -> str:
     return ast.dump(tree)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "marian"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "marian", "t5"])
 def test_the_bundle_is_t2r_s_own_source_with_only_its_imports_rewritten(family):
     """Each bundled file is a t2r module with only its imports rewritten (one source of truth); the closure holds the
     family's adapter, the attention, maps, mixers, ops and cache, and leaves out the other families, training, the
@@ -249,7 +254,8 @@ def test_the_bundle_is_t2r_s_own_source_with_only_its_imports_rewritten(family):
     assert {"t2r_adapters_classes.py", "t2r_adapters_cache.py", "t2r_attention.py", "t2r_ops.py",
             "t2r_feature_maps_learned.py", "t2r_mixers_delta.py"} <= set(files)
     assert not {"t2r_adapters.py", "t2r_convert.py", "t2r_persistence.py", "t2r_train.py", "t2r_lazy.py"} & set(files)
-    left_out = {"llama": "t2r_adapters_gpt2.py", "gpt2": "t2r_adapters_llama.py", "marian": "t2r_adapters_gpt2.py"}
+    left_out = {"llama": "t2r_adapters_gpt2.py", "gpt2": "t2r_adapters_llama.py", "marian": "t2r_adapters_t5.py",
+                "t5": "t2r_adapters_gpt2.py"}
     assert left_out[family] not in files
 
 

@@ -273,10 +273,15 @@ def test_adapter_knows_the_families():
         assert adapter.max_positions(tiny_seq2seq(family).config) == 40
 
 
-def test_t5_is_refused_for_its_relative_position_bias(tmp_path):
-    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
-    with pytest.raises(UnsupportedModelError, match="relative position bias"):
-        adapter_for(transformers.T5ForConditionalGeneration(config))
-    config.save_pretrained(tmp_path)  # refused from config.json alone, before any weights load
-    with pytest.raises(UnsupportedModelError, match="'t5'.*relative position bias"):
+def test_t5_relatives_without_an_adapter_are_refused_with_their_reason(tmp_path):
+    """T5, mT5 and UMT5 convert (tests/test_t5.py); LongT5 and Switch Transformers, whose blocks differ, are refused
+    from config.json alone, before any weights load, saying why."""
+    config = transformers.LongT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(UnsupportedModelError, match="'longt5'.*transient-global.*convert a T5, mT5 or UMT5"):
+        adapter_for(transformers.LongT5ForConditionalGeneration(config))
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="'longt5'.*t5 adapter"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "switch_transformers"}))
+    with pytest.raises(UnsupportedModelError, match="'switch_transformers'.*mixture-of-experts"):
         load_model(str(tmp_path))

@@ -39,7 +39,7 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
     ("0,5" or a list); the others keep their softmax attention and are recorded in `keep_softmax_layers`. `seed`
     makes the new feature-map and mixer weights reproducible (None: use the global RNG as it is). `encoder`, for an
     encoder-decoder (Marian, BART): "softmax" (default, the paper's choice) or "linear" (non-causal linear attention
-    in the encoder too); recorded in `config.t2r_encoder`."""
+    in the encoder too; T5's encoder stays softmax); recorded in `config.t2r_encoder`."""
     if is_converted(model):
         raise T2RError("this model is already converted (its config has a t2r recipe)")
     if recipe is not None and fields:
@@ -53,6 +53,7 @@ def convert(model: nn.Module, recipe: Recipe | None = None, *, seed: int | None 
             raise T2RError(f"encoder={encoder!r} is for encoder-decoder models; {type(model).__name__} has no encoder")
         if encoder not in ("softmax", "linear"):
             raise T2RError(f"encoder is softmax or linear, got {encoder!r}")
+        adapter.check_encoder(encoder)  # a family may refuse a linear encoder (T5: its positions are in the bias)
         model.config.t2r_encoder = encoder
     recipe = with_layers_to_convert(recipe, adapter.layer_windows(model.config), convert_layers)
     param = next(model.parameters())

