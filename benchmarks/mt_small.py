@@ -179,11 +179,15 @@ def main() -> None:
     rows["(d) RNN from random init"] = stage(out, "d_random_init", make_random)
     converted = [label for label in rows if label.startswith("(c)")][-1]
     results = {"args": vars(args), "train_pairs": len(train), "heldout_pairs": len(heldout), "rows": {}}
+    hypotheses = {}
     for label, (model, info) in rows.items():
         log.info("scoring %s", label)
-        scores = translation_scores(model.eval(), tokenizer, heldout, beam=4, batch_size=32)
+        scores = translation_scores(model.eval(), tokenizer, heldout, beam=4, batch_size=32, keep_hypotheses=True)
+        hypotheses[label] = scores.pop("hypotheses")
         results["rows"][label] = {**scores, "heldout_loss": round(heldout_loss(model, tokenizer, heldout), 4),
                                   "train": info}
+    (out / "hypotheses.json").write_text(json.dumps(hypotheses, indent=0, ensure_ascii=False))
+    results["paired_bootstrap"] = paired_bootstrap(hypotheses, [t for _, t in heldout])
     lengths = [int(x) for x in args.lengths.split(",")]
     results["decode_ms_per_token"] = {
         label: {n: round(decode_ms_per_token(rows[label][0], n), 3) for n in lengths}
@@ -191,6 +195,19 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     plot(results, lengths, out / "decode.png")
     print(table(results))
+
+
+def paired_bootstrap(hypotheses: dict[str, list[str]], references: list[str], samples: int = 1000) -> dict:
+    """sacrebleu's paired bootstrap of every row's BLEU against the first row's (the teacher): the mean over
+    `samples` resamplings of the held-out sentences, its 95% interval, and the p-value of the difference."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    test = PairedTest(list(hypotheses.items()), {"BLEU": BLEU()}, [references], test_type="bs", n_samples=samples)
+    _, scores = test()
+    return {label: {"bleu": round(float(r.score), 2), "mean": round(float(r.mean), 2), "ci95": round(float(r.ci), 2),
+                    "p_vs_teacher": None if r.p_value is None else round(float(r.p_value), 4)}
+            for label, r in zip(scores["System"], scores["BLEU"])}
 
 
 def plot(results: dict, lengths: list[int], path: Path) -> None:
@@ -210,11 +227,13 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| model | BLEU | chrF | held-out loss/token | target tokens trained |", "|---|---|---|---|---|"]
+    lines = ["| model | BLEU (bootstrap mean ± 95%) | p vs (a) | chrF | held-out loss/token | target tokens trained |",
+             "|---|---|---|---|---|---|"]
     for label, r in results["rows"].items():
-        info = r["train"]
-        tokens = info.get("target_tokens") or sum(v["target_tokens"] for v in info.values())
-        lines.append(f"| {label} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['heldout_loss']:.3f} | {tokens:,} |")
+        info, boot = r["train"], results["paired_bootstrap"][label]
+        tokens = info.get("target_tokens") or sum(v["target_tokens"] for k, v in info.items() if isinstance(v, dict))
+        lines.append(f"| {label} | {r['bleu']:.2f} ({boot['mean']:.2f} ± {boot['ci95']:.2f}) | {boot['p_vs_teacher']} "
+                     f"| {r['chrf']:.2f} | {r['heldout_loss']:.3f} | {tokens:,} |")
     lines += ["", "| source tokens | " + " | ".join(results["decode_ms_per_token"]) + " |",
               "|---|" + "---|" * len(results["decode_ms_per_token"])]
     lengths = next(iter(results["decode_ms_per_token"].values())).keys()

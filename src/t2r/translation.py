@@ -101,13 +101,15 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def translation_scores(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], *, beam: int = 4,
-                       batch_size: int = 16) -> dict:
-    """BLEU and chrF of `model`'s beam-search translations of the sources of `pairs` against their targets."""
+                       batch_size: int = 16, keep_hypotheses: bool = False) -> dict:
+    """BLEU and chrF of `model`'s beam-search translations of the sources of `pairs` against their targets (with
+    `keep_hypotheses`, every translation too, under "hypotheses")."""
     start = time.perf_counter()
     hypotheses = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=batch_size)
     scores = bleu_chrf(hypotheses, [t for _, t in pairs])
     return {**scores, "sentences": len(pairs), "beam": beam, "seconds": round(time.perf_counter() - start, 2),
-            "examples": [{"src": s, "ref": t, "hyp": h} for (s, t), h in list(zip(pairs, hypotheses))[:3]]}
+            "examples": [{"src": s, "ref": t, "hyp": h} for (s, t), h in list(zip(pairs, hypotheses))[:3]],
+            **({"hypotheses": hypotheses} if keep_hypotheses else {})}
 
 
 # ----------------------------------------------------------------------------- teacher-forced training
@@ -264,8 +266,7 @@ def transfer_attention(model: nn.Module, tokenizer, pairs: list[tuple[str, str]]
             _, n = pair_loss(model, batch, pad)  # fills `captured` with each module's inputs
         total = 0.0
         for module, (args, kwargs) in captured.items():
-            linear, reference = module.transfer_pair(args[0] if args else kwargs["hidden_states"],
-                                                     kwargs.get("key_value_states"), kwargs.get("attention_mask"))
+            linear, reference = module.transfer_pair(*args, **kwargs)
             total = total + torch.nn.functional.mse_loss(linear.float(), reference.float())
         return total, n
 
