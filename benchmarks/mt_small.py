@@ -58,6 +58,17 @@ def bpe_tokenizer(pairs, vocab_size: int, path: Path) -> PreTrainedTokenizerFast
     return tokenizer
 
 
+def teacher_model(vocab: int, args) -> transformers.PreTrainedModel:
+    """A new teacher with random weights: Marian (sinusoidal absolute positions) or T5 (relative position bias, which
+    the converted decoder self-attention drops; pre-norm, no FFN bias) of the same width, depth and heads."""
+    if args.family == "t5":
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=vocab, d_model=args.d_model, d_kv=args.d_model // 4, d_ff=4 * args.d_model,
+            num_layers=args.layers, num_decoder_layers=args.layers, num_heads=4, dropout_rate=0.1,
+            feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, num_beams=4))
+    return transformers.MarianMTModel(teacher_config(vocab, args))
+
+
 def teacher_config(vocab: int, args) -> transformers.MarianConfig:
     return transformers.MarianConfig(
         vocab_size=vocab, d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
@@ -111,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/mt_small")
     parser.add_argument("--data", default="data/gettext-de", help="folder of `t2r data gettext:de --out`")
+    parser.add_argument("--family", choices=("marian", "t5"), default="marian", help="the teacher's architecture")
     parser.add_argument("--vocab", type=int, default=4000)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=3)
@@ -137,7 +149,7 @@ def main() -> None:
 
     def make_teacher():
         torch.manual_seed(0)
-        model = transformers.MarianMTModel(teacher_config(len(tokenizer), args))
+        model = teacher_model(len(tokenizer), args)
         info = train_pairs(model, tokenizer, train, PairTraining(tokens=args.teacher_tokens, lr=1e-3, **common),
                            on_step=progress("teacher"))
         return model, info
