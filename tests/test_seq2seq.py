@@ -126,6 +126,11 @@ def test_decoder_is_an_rnn_with_other_mixers_and_maps(recipe):
     model = converted("marian", **recipe)
     assert model.model.decoder.layers[0].self_attn.recipe.mixer == recipe.get("mixer", "linear")
     assert model.model.decoder.layers[0].encoder_attn.recipe.mixer == "linear"
+    check_steps_equal_full(model)
+
+
+def check_steps_equal_full(model) -> None:
+    """Full-sequence decoder logits == one decoder token at a time with the cache (padded sources)."""
     src, mask, tgt = batch(pad=3)
     with torch.no_grad():
         full = model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt, use_cache=False).logits
@@ -183,12 +188,16 @@ def test_padded_keys_are_left_out(family, encoder, left):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beam_search_recurrent_equals_parallel(family):
-    """generate() with the recurrent cache (states reordered with the beams) == generate() recomputing the parallel
-    form over the whole prefix at every step (no cache)."""
     model = converted(family)
     src, mask, _ = batch(pad=3, pad_id=model.config.pad_token_id)
+    check_beam_search_recurrent_equals_parallel(model, src, mask)
+
+
+def check_beam_search_recurrent_equals_parallel(model, src, mask, **extra):
+    """generate() with the recurrent cache (states reordered with the beams) == generate() recomputing the parallel
+    form over the whole prefix at every step (no cache); `extra`: more generate() arguments."""
     kwargs = dict(input_ids=src, attention_mask=mask, num_beams=4, num_return_sequences=2, max_new_tokens=10,
-                  do_sample=False, output_scores=True, return_dict_in_generate=True, min_new_tokens=10)
+                  do_sample=False, output_scores=True, return_dict_in_generate=True, min_new_tokens=10, **extra)
     with torch.no_grad():
         cached = model.generate(**kwargs, use_cache=True)
         parallel = model.generate(**kwargs, use_cache=False)

@@ -17,8 +17,16 @@ import pytest
 import torch
 import transformers
 from test_cli import assert_usage_error, run_cli
-from test_seq2seq import REL, SOURCE_LEN, TARGET_LEN, batch, rel
-from test_translation import PAIRS, word_tokenizer
+from test_seq2seq import (
+    REL,
+    SOURCE_LEN,
+    TARGET_LEN,
+    batch,
+    check_beam_search_recurrent_equals_parallel,
+    check_steps_equal_full,
+    rel,
+)
+from test_translation import PAIRS, check_transfer_trains_only_feature_maps, word_tokenizer
 from transformers.cache_utils import EncoderDecoderCache
 
 import t2r
@@ -27,7 +35,7 @@ from t2r.adapters.t5 import T5CrossAttention, T5DecoderSelfAttention
 from t2r.attention import LinearAttention, is_conversion_parameter
 from t2r.convert import convert, keep_softmax
 from t2r.errors import UnsupportedModelError
-from t2r.translation import PairTraining, train_pairs, transfer_attention, translate
+from t2r.translation import PairTraining, train_pairs, translate
 
 FAMILIES = ["t5", "mt5", "umt5"]
 CLASSES = {"t5": ("T5Config", "T5ForConditionalGeneration"), "mt5": ("MT5Config", "MT5ForConditionalGeneration"),
@@ -154,13 +162,7 @@ def test_decoder_is_an_rnn_with_other_mixers_and_maps(recipe):
     model = converted("t5", **recipe)
     assert self_attentions(model)[0].recipe.mixer == recipe.get("mixer", "linear")
     assert cross_attentions(model)[0].recipe.mixer == "linear"
-    src, mask, tgt = batch(pad=3)
-    with torch.no_grad():
-        full = model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt, use_cache=False).logits
-        cache = EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
-        steps = [model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt[:, t:t + 1], cache=cache).logits
-                 for t in range(TARGET_LEN)]
-    assert rel(torch.cat(steps, 1), full) < REL
+    check_steps_equal_full(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -180,19 +182,10 @@ def test_padded_sources_equal_each_alone(family, left):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kept", [(), (1,)])
 def test_beam_search_recurrent_equals_parallel(family, kept):
-    """generate() with the recurrent cache (states reordered with the beams) == generate() recomputing the parallel
-    form over the whole prefix at every step (no cache)."""
     model = converted(family, keep_softmax_layers=kept)
     src, mask, _ = batch(pad=3, pad_id=0)
-    kwargs = dict(input_ids=src, attention_mask=mask, num_beams=4, num_return_sequences=2, max_new_tokens=10,
-                  do_sample=False, output_scores=True, return_dict_in_generate=True, min_new_tokens=10,
-                  suppress_tokens=[0])  # the tiny random mT5 would pick the pad token every time
-    with torch.no_grad():
-        cached = model.generate(**kwargs, use_cache=True)
-        parallel = model.generate(**kwargs, use_cache=False)
-    assert torch.equal(cached.sequences, parallel.sequences)
-    assert rel(cached.sequences_scores, parallel.sequences_scores) < REL
-    assert not torch.equal(cached.sequences[0], cached.sequences[2])  # the two sources give different outputs
+    # the tiny random mT5 would pick the pad token every time
+    check_beam_search_recurrent_equals_parallel(model, src, mask, suppress_tokens=[0])
 
 
 def test_a_linear_encoder_is_refused_and_the_model_left_as_it_was():
@@ -255,13 +248,7 @@ def test_attention_transfer_and_training_on_pairs():
     tokenizer = word_tokenizer()
     teacher = tiny_t5(vocab_size=len(tokenizer))
     student = convert(teacher, feature_map="t2r", feature_dim=16)
-    before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    losses = []
-    transfer_attention(student, tokenizer, PAIRS, PairTraining(tokens=2000, batch_size=8, lr=1e-2),
-                       on_step=lambda step, loss, seen: losses.append(loss))
-    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(".feature_map." in n for n in changed), sorted(changed)[:5]
-    assert sum(losses[-3:]) < sum(losses[:3])
+    check_transfer_trains_only_feature_maps(student, tokenizer, tokens=2000)
     summary = train_pairs(student, tokenizer, PAIRS, PairTraining(tokens=12000, batch_size=8, lr=3e-3))
     assert summary["final_loss"] < 1.0, summary
     assert translate(student, tokenizer, ["the file was saved"], beam=2) == ["die datei wurde gespeichert"]

@@ -180,11 +180,15 @@ def test_attention_transfer_trains_only_feature_maps_and_lowers_its_loss():
     tokenizer = word_tokenizer()
     teacher = tiny_marian(len(tokenizer))
     train_pairs(teacher, tokenizer, PAIRS, PairTraining(tokens=4000, batch_size=8, lr=3e-3))
-    student = convert(teacher, feature_map="t2r", feature_dim=16)
+    check_transfer_trains_only_feature_maps(convert(teacher, feature_map="t2r", feature_dim=16), tokenizer, tokens=3000)
+
+
+def check_transfer_trains_only_feature_maps(student, tokenizer, tokens: int) -> None:
+    """transfer_attention on PAIRS changes only feature maps, lowers its loss, and leaves requires_grad as it was."""
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     losses = []
-    transfer_attention(student, tokenizer, PAIRS, PairTraining(tokens=3000, batch_size=8, lr=1e-2),
+    transfer_attention(student, tokenizer, PAIRS, PairTraining(tokens=tokens, batch_size=8, lr=1e-2),
                        on_step=lambda step, loss, seen: losses.append(loss))
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".feature_map." in n for n in changed), sorted(changed)[:5]
