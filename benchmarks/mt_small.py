@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--feature-dim", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=0, help="held-out sentences to score (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="data order of every training run (not the teacher's "
+                                                            "when it is reused)")
+    parser.add_argument("--skip-random", action="store_true", help="leave out (d), the RNN from random weights")
     parser.add_argument("--lengths", default="8,32,128,512")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -144,7 +147,7 @@ def main() -> None:
         prepare_parallel("gettext:de", args.data)
     train, heldout = load_pairs(args.data, "train"), load_pairs(args.data, "heldout")[: args.heldout or None]
     tokenizer = bpe_tokenizer(train, args.vocab, out / "tokenizer")
-    common = dict(batch_size=args.batch_size, max_length=64)
+    common = dict(batch_size=args.batch_size, max_length=64, seed=args.seed)
     recipe = dict(feature_map=args.feature_map, feature_dim=args.feature_dim)
 
     def make_teacher():
@@ -188,7 +191,8 @@ def main() -> None:
                                                                      transfer(args.kd))
     else:
         rows["(c) transfer + finetune"] = stage(out, "c_transfer_finetune", transfer(0.0))
-    rows["(d) RNN from random init"] = stage(out, "d_random_init", make_random)
+    if not args.skip_random:
+        rows["(d) RNN from random init"] = stage(out, "d_random_init", make_random)
     converted = [label for label in rows if label.startswith("(c)")][-1]
     results = {"args": vars(args), "train_pairs": len(train), "heldout_pairs": len(heldout), "rows": {}}
     hypotheses = {}
