@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import is_conversion_parameter
 from .errors import T2RError
+from .stages.teacher_cache import full_kl
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,7 @@ def pair_kd_loss(model: nn.Module, teacher: nn.Module, batch: list[tuple[list[in
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits
     keep = inputs["labels"] != -100  # (B, T)
-    student = out.logits[keep].float().log_softmax(-1)  # (N, V)
-    target = teacher_logits[keep].float().log_softmax(-1)  # (N, V)
-    kl = (target.exp() * (target - student)).sum(-1).mean()
+    kl = full_kl(out.logits[keep].float(), teacher_logits[keep].float())  # over the N target tokens
     return out.loss + kd * kl, int(keep.sum())
 
 

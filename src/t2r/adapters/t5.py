@@ -78,17 +78,16 @@ class T5Projections:
 
 class T5DecoderSelfAttention(T5Projections, DecoderSelfLinearAttention):
     """Causal decoder self-attention, the relative bias dropped. `table` is the bias of this layer's softmax
-    attention (its own in block 0 and in UMT5, block 0's otherwise: not registered here); `feeds_bias` makes it
-    compute that bias for later softmax blocks (T5, mT5)."""
+    attention (its own in block 0 and in UMT5, block 0's otherwise: not registered here); `feeds_bias` (set by
+    `T5Adapter.wire_bias`) makes it compute that bias for later softmax blocks (T5, mT5)."""
 
-    def __init__(self, original: nn.Module, layer_idx: int, recipe: Recipe, table: nn.Embedding | None = None,
-                 feeds_bias: bool = False) -> None:
+    def __init__(self, original: nn.Module, layer_idx: int, recipe: Recipe, table: nn.Embedding | None = None) -> None:
         super().__init__(original, layer_idx, recipe)
         self.has_relative_attention_bias = original.has_relative_attention_bias
         if self.has_relative_attention_bias:  # kept under its own name: restore and the transfer reference use it
             self.relative_attention_bias = original.relative_attention_bias
         self.bias_table = (table if table is not None else getattr(original, "relative_attention_bias", None),)
-        self.feeds_bias = feeds_bias
+        self.feeds_bias = False  # set by the adapter's `wire_bias`
 
     def relative_bias(self, query_length: int, key_length: int, past: int = 0) -> torch.Tensor:
         return relative_bias(self.bias_table[0], self.config, query_length, key_length, past)  # (1, H, T, K)

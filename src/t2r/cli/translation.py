@@ -68,6 +68,23 @@ def pair_batch_size(options) -> int:
     return options.batch_size if "batch_size" in options.model_fields_set else PAIR_BATCH
 
 
+def pair_settings(options, *, lr: float, kd: float = 0.0):
+    """`t2r.translation.PairTraining` from a command's training settings (`--tokens`, `--warmup`, ...)."""
+    from ..translation import PairTraining
+
+    return PairTraining(tokens=options.tokens, batch_size=pair_batch_size(options), lr=lr, warmup=options.warmup,
+                        min_lr=options.min_lr, weight_decay=options.weight_decay,
+                        max_grad_norm=options.max_grad_norm, seed=options.seed, kd=kd)
+
+
+def save_pair_run(model, tokenizer, out: str, metrics: list[str], *, overwrite: bool, remote_code: bool) -> None:
+    """The trained model in `out` (`t2r.save`, with its code if `remote_code`), and its metrics.jsonl beside it."""
+    from ..persistence import save
+
+    save(model, out, tokenizer, overwrite=overwrite, remote_code=remote_code)
+    write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
+
+
 def pair_teacher(student, teacher: str | None, kd: float):
     """The teacher of `t2r finetune --kd` on sentence pairs: --teacher (a model with the student's tokenizer), else
     the converted student's own original (its softmax model rebuilt from the weights it was given); None without
@@ -93,9 +110,8 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool, te
     if options.lora or options.kd_top_k:
         raise T2RError("finetuning on sentence pairs trains every weight with a live teacher: --lora and "
                        "--kd-top-k are for language models")
-    from ..persistence import save
     from ..train.checkpoint import check_run_dir
-    from ..translation import PairTraining, check_translation_model, heldout_loss, train_pairs
+    from ..translation import check_translation_model, heldout_loss, train_pairs
 
     check_run_dir(Path(out), resume=False, overwrite=overwrite)
     student, tokenizer = load_any(model, translation=True)
@@ -104,17 +120,14 @@ def finetune_pairs(model: str, data: str, options, out: str, overwrite: bool, te
         check_converted(student, model)
     teacher_model = pair_teacher(student, teacher, options.kd)
     train, heldout = load_pairs(data, "train"), load_pairs(data, "heldout")
-    settings = PairTraining(tokens=options.tokens, batch_size=pair_batch_size(options), lr=options.lr or 3e-4,
-                            warmup=options.warmup, min_lr=options.min_lr, weight_decay=options.weight_decay,
-                            max_grad_norm=options.max_grad_norm, seed=options.seed, kd=options.kd)
+    settings = pair_settings(options, lr=options.lr or 3e-4, kd=options.kd)
     before = heldout_loss(student, tokenizer, heldout)
     metrics: list[str] = []
     summary = train_pairs(student, tokenizer, train, settings, teacher=teacher_model,
                           on_step=lambda step, loss, seen: metrics.append(
                               json.dumps({"step": step, "loss": round(loss, 5), "target_tokens": seen})))
     after = heldout_loss(student, tokenizer, heldout)
-    save(student, out, tokenizer, overwrite=overwrite, remote_code=options.remote_code)
-    write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
+    save_pair_run(student, tokenizer, out, metrics, overwrite=overwrite, remote_code=options.remote_code)
     return {"model": model, "data": data, "stage": "finetune", "pairs": len(train), "teacher": teacher, **summary,
             "heldout_loss_before": round(before, 4), "heldout_loss_after": round(after, 4), "out": out}
 
@@ -123,20 +136,15 @@ def distill_pairs(model: str, data: str, options, out: str, overwrite: bool) -> 
     """`t2r distill` on parallel data: attention transfer for a converted translation model (its feature maps learn
     to give each decoder self- and cross-attention's softmax output on the model's own inputs, teacher forcing;
     every other weight unchanged); written to `out` at the end (no checkpoints or --resume here)."""
-    from ..persistence import save
     from ..train.checkpoint import check_run_dir
-    from ..translation import PairTraining, transfer_attention
+    from ..translation import transfer_attention
 
     check_run_dir(Path(out), resume=False, overwrite=overwrite)
     student, tokenizer = load_any(model, translation=True)
     train = load_pairs(data, "train")
-    settings = PairTraining(tokens=options.tokens, batch_size=pair_batch_size(options),
-                            lr=options.lr if "lr" in options.model_fields_set else 1e-2,
-                            warmup=options.warmup, min_lr=options.min_lr, weight_decay=options.weight_decay,
-                            max_grad_norm=options.max_grad_norm, seed=options.seed)
+    settings = pair_settings(options, lr=options.lr if "lr" in options.model_fields_set else 1e-2)
     metrics: list[str] = []
     summary = transfer_attention(student, tokenizer, train, settings, on_step=lambda step, loss, seen: metrics.append(
         json.dumps({"step": step, "transfer_mse": round(loss, 6), "target_tokens": seen})))
-    save(student, out, tokenizer, overwrite=overwrite, remote_code=options.remote_code)
-    write_text(Path(out) / "metrics.jsonl", "\n".join(metrics) + "\n")
+    save_pair_run(student, tokenizer, out, metrics, overwrite=overwrite, remote_code=options.remote_code)
     return {"model": model, "data": data, "stage": "distill", "pairs": len(train), **summary, "out": out}

@@ -31,7 +31,7 @@ from ..lora import apply_lora
 from ..persistence import save
 from ..train import FinetuneSettings, Task, TrainConfig, seeded, train
 from ..transfer import follow_device
-from .teacher_cache import TeacherCache, cached_teacher_loss, default_cache_dir
+from .teacher_cache import TeacherCache, cached_teacher_loss, default_cache_dir, full_kl
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ class LanguageModeling(nn.Module):
             follow_device(self.teacher, input_ids.device)
             with torch.no_grad():
                 target = self.teacher(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True,
-                          reduction="none").sum(-1).mean()
+            kl = full_kl(logits, target)
             out.update(loss=lm + self.kd * kl, kl=kl.detach())
         return out
 

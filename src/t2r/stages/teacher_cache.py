@@ -80,6 +80,13 @@ def top_k_targets(logits: torch.Tensor, k: int) -> TeacherTargets:
     return TeacherTargets(ids, top, rest)
 
 
+def full_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions [..., V], summed over the vocabulary and averaged over
+    positions: the live teacher's distillation term (language models and translation pairs alike)."""
+    return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                    reduction="none").sum(-1).mean()
+
+
 def coarse_kl(logits: torch.Tensor, targets: TeacherTargets) -> torch.Tensor:
     """KL(teacher || student) over k + 1 outcomes (the k cached tokens, then all others as one), summed over them
     and averaged over positions: the same reduction as the live teacher's full KL, which it equals at k = V.
