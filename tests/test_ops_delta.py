@@ -259,11 +259,29 @@ def test_window_matches_the_definition(window):
     soft = torch.einsum("bhts,bshd->bthd", soft, x["v"])
     memory, _ = delta_rule(x["phi_q"], delayed(x["phi_k"], window), delayed(x["v"], window),
                            delayed(x["beta"], window), log_decay=x["log_decay"], mode="recurrent")
-    f = x["window_factor"][:, None]
-    expected = f * soft + (1 - f) * memory
+    f = torch.where(torch.arange(T)[:, None, None] >= window, x["window_factor"][:, None], 1.0)  # [T, H, 1]
+    expected = f * soft + (1 - f) * memory  # the softmax alone until a token has entered the memory
     for mode in MODES:
         o, _ = window_call(mode, 8, window)(x)
         assert_close(o, expected, OUT_TOL, f"{mode} vs definition")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_window_alone_until_the_memory_holds_a_token(mode):
+    """Before any real token has left the window the output is the softmax window's alone (f_t = 1), whatever f_h
+    and the left padding; from then on f_h mixes in the memory."""
+    T, window, pads = 20, 6, [0, 3]
+    x = _plain(window_leaves(2, T, 2, window, seed=7, gated=True, with_state=False))
+    key_mask = left_pad_mask(T, pads)
+    names = ("q", "k", "v", "phi_q", "phi_k", "beta")
+    call = {"window": window, "scale": 0.5, "log_decay": x["log_decay"], "key_mask": key_mask, "mode": mode,
+            "chunk_size": 4}
+    o, _ = sliding_window_delta_rule(*(x[n] for n in names), window_factor=x["window_factor"], **call)
+    alone, _ = sliding_window_delta_rule(*(x[n] for n in names), window_factor=torch.ones(2), **call)
+    for b, p in enumerate(pads):
+        first = slice(p, p + window)  # the row's first `window` real tokens
+        assert_close(o[b, first], alone[b, first], OUT_TOL, f"row {b}: softmax alone")
+        assert not torch.allclose(o[b, p + window:], alone[b, p + window:]), f"row {b}: the memory mixes in after"
 
 
 def window_pieces(x, key_mask, decode_mode, window, sizes=(37, 1, 1, 1, 1, 1, 20)):

@@ -8,7 +8,8 @@ on feature-mapped queries and keys normalised to unit length (k = phi(k) / |phi(
 token's value vector; the weights start at zero, beta at `beta_init` and a at `decay_init`. There is no normaliser:
 the output is a signed mix of values (`normalised = False`), so stage 1 trains these mixers on the output error, not
 on attention rows. With `window` >= 1 a sliding softmax window sits beside the memory, which then holds only the keys
-older than the window: o_t = f_h softmax-window(q_t) + (1 - f_h) S_{t-window}'s reading of q_t."""
+older than the window: o_t = f_h softmax-window(q_t) + (1 - f_h) S_{t-window}'s reading of q_t once a token has
+entered the memory, and the softmax window alone before (t < window from the start of a sequence)."""
 
 from __future__ import annotations
 
@@ -69,9 +70,11 @@ class DeltaMixer(Mixer):
         memory = undelay_columns(memory, w)
         if not w:
             return memory
-        f = self.factor().view(1, -1, 1, 1)  # (1, H, 1, 1)
+        T = scores.shape[-1]
+        live = torch.arange(T, device=scores.device).view(1, 1, T, 1) >= w  # rows whose memory holds a token
+        f = torch.where(live, self.factor().view(1, -1, 1, 1), 1.0)  # (1, H, T, 1): the softmax alone before
         soft = window_part_weights(scores, w)
-        visible = causal_offsets(scores.shape[-1], scores.device) >= w  # (T, T)
+        visible = causal_offsets(T, scores.device) >= w  # (T, T)
         return f * soft / soft.sum(-1, keepdim=True) + (1 - f) * memory * visible
 
     def _like(self, *, window: int, cls: type | None = None) -> "DeltaMixer":

@@ -1,9 +1,11 @@
 """Sliding softmax window beside a delta-rule memory (LoLCATs-style hybrid, delta memory instead of a linear sum).
 
-o_t = f_h softmax_{t - window < j <= t}(scale q_t . k_j) v  +  (1 - f_h) M_t^T phi(q_t), where M is the gated delta
+o_t = f_t softmax_{t - window < j <= t}(scale q_t . k_j) v  +  (1 - f_t) M_t^T phi(q_t), where M is the gated delta
 rule run on the key / value / beta stream delayed by `window` steps (token j enters at step j + window) with the
 decay of the current step t. Each part is normalised on its own (the softmax over the valid window keys, 0 when
-there are none). Chunk form: prefix the new tokens with the buffered ones; the memory is delta_rule_chunk on the
+there are none). f_t is the head's factor f_h once the memory is live (a real token has entered it, or it started
+non-zero) and 1 before: while the window still holds every real token the output is the softmax alone, not f_h of
+it beside an empty memory. Chunk form: prefix the new tokens with the buffered ones; the memory is delta_rule_chunk on the
 first T entries of that stream, the softmax a band (window.chunk._band_softmax_terms). Recurrent form: a token loop
 (the slow twin, and decoding); quadratic form: full (window + T)^2 masks and the T x T delta rule.
 """
@@ -80,10 +82,19 @@ def _end_state(S, kc, vc, pkc, bc, validc, window):
     return DeltaWindowState(S, *buffers, validc[:, -window:])
 
 
-def _mix(f, num, den, o_mem):
-    """f (num / den) + (1 - f) o_mem; den is 0 only with no visible key, then num is 0 too."""
-    soft = num / torch.where(den > 0, den, 1.0).unsqueeze(-1)  # [B, T, H, D]
-    return f[:, None] * soft + (1 - f)[:, None] * o_mem  # [B, T, H, D]
+def _live(state, validc, T):
+    """[B, T] bool: the memory holds something at step t: its start state is non-zero, or a real token has entered
+    it by then (the token entering at step t is stream entry t, i.e. token t - window)."""
+    started = state.S.flatten(1).ne(0).any(1)  # [B]
+    return started[:, None] | validc[:, :T].cummax(1).values  # [B, T]
+
+
+def _mix(f, num, den, o_mem, live):
+    """f_t (num / den) + (1 - f_t) o_mem with f_t = f where the memory is live, else 1; den is 0 only with no
+    visible key, then num is 0 too. f: [H]; num, o_mem: [B, (T,) H, D]; den: [B, (T,) H]; live: [B, (T)]."""
+    soft = num / torch.where(den > 0, den, 1.0).unsqueeze(-1)
+    ft = torch.where(live.unsqueeze(-1), f, torch.ones_like(f)).unsqueeze(-1)  # [B, (T,) H, 1]
+    return ft * soft + (1 - ft) * o_mem
 
 
 def _heads(*xs):
@@ -97,7 +108,7 @@ def window_delta_chunk(q, k, v, phi_q, phi_k, beta, g, window, f, scale, valid, 
     kc, vc, pkc, bc, validc = _streams(state, k, v, phi_k, beta, valid)
     o_mem, mem = delta_rule_chunk(*_heads(phi_q, pkc[:, :T], vc[:, :T], bc[:, :T], g), state.S, chunk_size)
     num, den = _band_softmax_terms(q, kc, vc, validc, window, scale, chunk_size)  # [B, T, H, D], [B, T, H]
-    o = _mix(f, num, den, o_mem.transpose(1, 2))  # [B, T, H, D]
+    o = _mix(f, num, den, o_mem.transpose(1, 2), _live(state, validc, T))  # [B, T, H, D]
     return o, _end_state(mem.S, kc, vc, pkc, bc, validc, window)
 
 
@@ -111,7 +122,7 @@ def window_delta_quadratic(q, k, v, phi_q, phi_k, beta, g, window, f, scale, val
     in_window = (diff >= 0) & (diff < W) & validc[:, None, None, :]  # [B, 1, T, W+T]
     e = window_weights(scale * torch.einsum("bthd,bshd->bhts", q, kc), in_window)  # [B, H, T, W+T]
     num = torch.einsum("bhts,bshd->bthd", e, vc)  # [B, T, H, D]
-    o = _mix(f, num, e.sum(-1).transpose(1, 2), o_mem.transpose(1, 2))  # [B, T, H, D]
+    o = _mix(f, num, e.sum(-1).transpose(1, 2), o_mem.transpose(1, 2), _live(state, validc, T))  # [B, T, H, D]
     return o, _end_state(mem.S, kc, vc, pkc, bc, validc, window)
 
 
@@ -126,6 +137,7 @@ def window_delta_recurrent(q, k, v, phi_q, phi_k, beta, g, window, f, scale, val
     the memory is read with phi_q_t, token t is pushed into the buffers and the softmax reads them."""
     S, kb, vb, pb, bb, ok = state
     a = torch.exp(g)  # [B, T, H]
+    live = _live(state, torch.cat([ok, valid], 1), q.shape[1])  # [B, T]
     outs = []
     for t in range(q.shape[1]):
         o_mem, S = delta_step(S, phi_q[:, t], pb[:, :, 0], vb[:, :, 0], bb[:, :, 0], a[:, t])  # [B, H, D]
@@ -133,7 +145,7 @@ def window_delta_recurrent(q, k, v, phi_q, phi_k, beta, g, window, f, scale, val
         bb, ok = _push(bb, beta[:, t]), _push(ok, valid[:, t])  # [B, H, W], [B, W]
         e = window_weights(scale * torch.einsum("bhd,bhwd->bhw", q[:, t], kb), ok[:, None, :])  # [B, H, W]
         num = torch.einsum("bhw,bhwd->bhd", e, vb)  # [B, H, D]
-        outs.append(_mix(f, num, e.sum(-1), o_mem))  # [B, H, D]
+        outs.append(_mix(f, num, e.sum(-1), o_mem, live[:, t]))  # [B, H, D]
     return torch.stack(outs, 1), DeltaWindowState(S, kb, vb, pb, bb, ok)  # [B, T, H, D]
 
 
@@ -159,7 +171,8 @@ def sliding_window_delta_rule(
     output_final_state: bool = False,
     eps: float = 1e-6,
 ):
-    """Softmax over the last `window` keys + a (gated) delta-rule memory of the older ones, mixed per head by f.
+    """Softmax over the last `window` keys + a (gated) delta-rule memory of the older ones, mixed per head by f
+    once the memory holds something (the softmax alone before: see the module's docstring).
 
     q, k: [B, T, H, Dk] (after positions); v: [B, T, H, D]; phi_q, phi_k: [B, T, H, F] (L2-normalised delta-rule
     features); beta, log_decay: [B, T, H] as in delta_rule (beta is delayed with its key, the decay is not);
