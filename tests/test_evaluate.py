@@ -241,6 +241,16 @@ def test_model_fingerprint_covers_the_recipe():
     assert model_fingerprint(a) != model_fingerprint(b)  # same weights, different forward
 
 
+def test_model_fingerprint_covers_the_code_revision(monkeypatch):
+    """A change of t2r's math (FORWARD_REVISION) must not reuse results remembered for the same weights."""
+    import t2r.evaluate as ev
+
+    model = t2r.convert(tiny_model("llama"), feature_map="hedgehog", feature_dim=8)
+    before = ev.model_fingerprint(model)
+    monkeypatch.setattr(ev, "FORWARD_REVISION", ev.FORWARD_REVISION + 1)
+    assert ev.model_fingerprint(model) != before
+
+
 def test_eval_positions_with_ablations_and_plot(tiny_converted_dir, tmp_path):
     pytest.importorskip("matplotlib")
     options = EvalOptions(positions=True, chunk=16, ablate="linear,window,softmax-layers", plot=str(tmp_path / "p.png"))

@@ -101,10 +101,17 @@ def eval_cache_dir() -> Path:
     return cache_root(None) / "evals"
 
 
+# Bumped whenever t2r computes a different output from the same weights and recipe, so that results remembered on
+# disk (held-out perplexities, teacher logits) are not reused across the change. 2: the delta-rule window hybrid reads
+# the softmax window alone until a token has entered its memory.
+FORWARD_REVISION = 2
+
+
 def model_fingerprint(model) -> str:
-    """sha256 of everything a forward pass depends on: every tensor of the state dict (names, dtypes, shapes, bytes)
-    and the t2r recipe (window, kept layers, ... are not weights)."""
-    h = hashlib.sha256(json.dumps(getattr(model.config, "t2r", None), sort_keys=True).encode())
+    """sha256 of everything a forward pass depends on: every tensor of the state dict (names, dtypes, shapes, bytes),
+    the t2r recipe (window, kept layers, ... are not weights) and t2r's FORWARD_REVISION (the code's math)."""
+    h = hashlib.sha256(f"forward:{FORWARD_REVISION}|".encode())
+    h.update(json.dumps(getattr(model.config, "t2r", None), sort_keys=True).encode())
     return hash_tensors(h, sorted(model.state_dict().items())).hexdigest()
 
 
