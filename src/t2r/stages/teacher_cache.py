@@ -9,9 +9,9 @@ Layout: CACHE/<key>/manifest.json, and one shard per block, <sha256 of the block
     rest  float32 [T-1]     log of the teacher's mass on every other token (-inf when k is the whole vocabulary)
 
 <key> hashes the manifest: the teacher's weights (`t2r.evaluate.model_fingerprint`: every tensor's name, shape and
-bytes, and the t2r recipe), k and the format. A shard is named by the bytes of its block's tokens, in order, so the
-cache serves any data order or run that reads the same blocks, and other data only adds shards. CACHE defaults to
-.teacher-cache beside the run directory (`default_cache_dir`).
+bytes, the t2r recipe and t2r's FORWARD_REVISION), k and the format. A shard is named by the bytes of its block's
+tokens, in order, so the cache serves any data order or run that reads the same blocks, and other data only adds
+shards. CACHE defaults to .teacher-cache beside the run directory (`default_cache_dir`).
 
 Filled lazily: the first time a run reads a block its shard is computed (one teacher forward for all of a batch's
 missing blocks) and written; from then on it is read. `TeacherCache.fill` computes shards up front. Every shard is

@@ -1,13 +1,13 @@
 """Sliding softmax window beside a delta-rule memory (LoLCATs-style hybrid, delta memory instead of a linear sum).
 
-o_t = f_t softmax_{t - window < j <= t}(scale q_t . k_j) v  +  (1 - f_t) M_t^T phi(q_t), where M is the gated delta
-rule run on the key / value / beta stream delayed by `window` steps (token j enters at step j + window) with the
-decay of the current step t. Each part is normalised on its own (the softmax over the valid window keys, 0 when
-there are none). f_t is the head's factor f_h once the memory is live (a real token has entered it, or it started
-non-zero) and 1 before: while the window still holds every real token the output is the softmax alone, not f_h of
-it beside an empty memory. Chunk form: prefix the new tokens with the buffered ones; the memory is delta_rule_chunk on the
-first T entries of that stream, the softmax a band (window.chunk._band_softmax_terms). Recurrent form: a token loop
-(the slow twin, and decoding); quadratic form: full (window + T)^2 masks and the T x T delta rule.
+o_t = f_t softmax_{t - window < j <= t}(scale q_t . k_j) v + (1 - f_t) M_t^T phi(q_t), where M is the gated delta rule
+run on the key / value / beta stream delayed by `window` steps (token j enters at step j + window) with the decay of
+the current step t. Each part is normalised on its own (the softmax over the valid window keys, 0 when there are
+none). f_t is the head's factor f_h once the memory is live (a real token has entered it, or it started non-zero) and
+1 before: while the window still holds every real token the output is the softmax alone, not f_h of it beside an empty
+memory. Chunk form: prefix the new tokens with the buffered ones; the memory is delta_rule_chunk on the first T
+entries of that stream, the softmax a band (window.chunk._band_softmax_terms). Recurrent form: a token loop (the slow
+twin, and decoding); quadratic form: full (window + T)^2 masks and the T x T delta rule.
 """
 
 from __future__ import annotations
