@@ -3,6 +3,7 @@ checked before a model loads, a light `import t2r` that still registers the conv
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,15 @@ def test_rdata_is_an_extra_and_the_austen_corpus_says_how_to_get_it(monkeypatch,
 def test_help_names_the_default_model_alias(capsys):
     code, out, _ = run_cli(capsys, "convert", "--help")
     assert code == 0 and "smollm2" in out and "gemma3-270m" in out
+
+
+def test_pipeline_help_names_every_shipped_recipe(capsys):
+    from t2r.stages.recipes import shipped_recipes
+
+    code, out, _ = run_cli(capsys, "pipeline", "--help")
+    flat = re.sub(r"-\s+", "-", " ".join(out.split()))  # argparse may wrap the help inside a hyphenated name
+    missing = [name for name in shipped_recipes() if name not in flat]
+    assert code == 0 and not missing, f"pipeline --help does not name the shipped recipes {missing}"
 
 
 # ------------------------------------------------------------------------------------------------ training output

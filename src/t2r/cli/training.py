@@ -149,7 +149,9 @@ def pipeline_command(*, config: str, out: str | None = None, redo: str = "", rem
     """Run a recipe end to end: convert, attention transfer, softmax layers, finetune, evaluate, export, report.
 
     Args:
-        config: YAML recipe file, or the name of a shipped one: t2r-paper, random-init-baseline, t2r-transfer, hedgehog-transfer, hybrid-window-auto, demo.
+        config: YAML recipe file, or the name of a shipped one: t2r-paper, random-init-baseline, t2r-transfer,
+            hedgehog-transfer, hybrid-window-auto, gla-transfer, delta-transfer, gated-delta-window,
+            gemma3-global, demo.
         out: run directory (default: runs/<recipe name>); a rerun reuses each finished stage, and resumes an
             interrupted one, whose recorded settings equal the recipe's, and stops if they differ.
         redo: redo these stages and the stages built on them (comma-separated: converted, distill, softmax-layers,
