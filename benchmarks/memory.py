@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mqar-pairs", default="8,32")
     p.add_argument("--samples", type=int, default=4, help="samples per recall cell")
     p.add_argument("--tasks", default="passkey,mqar", help="recall tasks to run ('' for none)")
+    p.add_argument("--ablate-recall", action="store_true",
+                   help="also run the recall tasks under each --ablate part (which part finds the key)")
     p.add_argument("--teacher-cache-gb", type=float, default=8.0, help="stop the original's reading past this KV")
     p.add_argument("--skip-original", action="store_true")
     p.add_argument("--out", default="docs/memory", help="folder for memory.json and the plots")
@@ -73,6 +75,13 @@ def measure(model, tokenizer, docs: dict, args, *, converted: bool, cache_cap: i
         start = time.perf_counter()
         row[task] = run_recall(model, tokenizer, recall_settings)
         log.info("%s: %.0f s", task, time.perf_counter() - start)
+        for part in [p for p in args.ablate.split(",") if p] if converted and args.ablate_recall else []:
+            try:
+                with ablated(model, part):
+                    row.setdefault("recall_ablations", {}).setdefault(part, {})[task] = run_recall(
+                        model, tokenizer, recall_settings)
+            except T2RError as err:
+                row.setdefault("recall_ablations", {})[part] = {"skipped": str(err)}
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return row
 
